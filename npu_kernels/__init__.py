@@ -1,0 +1,29 @@
+"""npu_kernels: fused GroupNorm+SiLU, GEGLU and attention for diffusers on NPU, CUDA and CPU.
+
+Quick start::
+
+    import npu_kernels
+    report = npu_kernels.optimize(unet)      # fused attention, GroupNorm+SiLU and GEGLU
+    # or only the attention processor:
+    unet.set_attn_processor(npu_kernels.FusedAttnProcessor())
+"""
+from npu_kernels.backends import BackendUnavailableError, use_backend
+from npu_kernels.diffusers_integration import FusedAttnProcessor, OptimizeReport, optimize, restore
+from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
+from npu_kernels.report import backend_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FusedAttnProcessor",
+    "OptimizeReport",
+    "backend_report",
+    "cross_attention",
+    "flash_attention",
+    "geglu",
+    "group_norm_silu",
+    "optimize",
+    "restore",
+    "use_backend",
+]

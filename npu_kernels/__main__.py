@@ -1,0 +1,50 @@
+"""``python -m npu_kernels``: versions, devices, and which backend serves each op where."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from npu_kernels import backends
+from npu_kernels.report import describe
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        devices += [f"npu:{i}" for i in range(npu.device_count())]
+    return devices
+
+
+def main() -> None:
+    print(f"npu_kernels {_version('npu-kernels')}  python {platform.python_version()}")
+    for dist in ("torch", "diffusers", "triton", "torch_npu"):
+        print(f"  {dist:<10} {_version(dist)}")
+    for name in backends.BACKENDS:
+        error = backends.load_error(name)
+        print(f"  backend {name:<7} {'loads' if error is None else 'unavailable: ' + error}")
+    forced = backends.forced_backend()
+    print(f"  selection: {forced}" + ("" if forced != "auto" else f" (set {backends.ENV_VAR}=torch|triton|npu to force one)"))
+    print("devices seen: " + ", ".join(_devices()))
+    for device_type in ("cpu", "cuda", "npu"):
+        for dtype in (torch.float32, torch.bfloat16):
+            print(f"\n{device_type} {str(dtype).replace('torch.', '')}:")
+            for op, candidates in describe(device_type, dtype).items():
+                chosen = next((name for name, reasons in candidates.items() if not reasons), "unavailable")
+                notes = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in candidates.items() if reasons)
+                print(f"  {op:<16} -> {chosen:<8}" + (f"  ({notes})" if notes else ""))
+
+
+if __name__ == "__main__":
+    main()

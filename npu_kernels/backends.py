@@ -1,0 +1,137 @@
+"""The one place that decides which kernel serves an op.
+
+Three backends implement the same kernel contract (see ``torch_backend`` for the reference):
+
+* ``torch``  -- plain PyTorch, runs on every device and is the reference maths;
+* ``triton`` -- our Triton kernels (``npu_kernels.triton``), meant for CUDA;
+* ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.npu``), for Ascend NPUs.
+
+``auto`` (the default) picks by the tensors' device, walking a priority list and taking the first
+backend that loads and has no ``not_supported_reasons`` for the inputs (the xformers dispatch idea).
+``NPU_KERNELS_BACKEND=torch|triton|npu`` or :func:`use_backend` force one backend: it then runs
+whatever the tensors' device (that is how CI checks Triton kernels on CPU under
+``TRITON_INTERPRET=1`` and the NPU adapters against a stand-in ``torch_npu``), and an error names
+what is missing when it cannot.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+from typing import Iterator, Sequence
+
+import torch
+
+OPS: tuple[str, ...] = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+BACKENDS: tuple[str, ...] = ("torch", "triton", "npu")
+ENV_VAR = "NPU_KERNELS_BACKEND"
+
+_MODULES = {
+    "torch": "npu_kernels.torch_backend",
+    "triton": "npu_kernels.triton",
+    "npu": "npu_kernels.npu",
+}
+# Priority lists for ``auto``, by device type; anything not listed gets the PyTorch path.
+_AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
+    "npu": ("npu", "torch"),
+    "cuda": ("triton", "torch"),
+}
+
+_loaded: dict[str, ModuleType] = {}
+_load_errors: dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot load or cannot serve the given inputs."""
+
+
+def _check_name(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown npu_kernels backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+_forced: str = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def load(name: str) -> ModuleType | None:
+    """Import a backend's kernel module once; ``None`` (and :func:`load_error`) when it cannot load."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        _loaded[name] = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # ImportError, or torch_npu failing without CANN (often OSError/RuntimeError)
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _loaded[name]
+
+
+def load_error(name: str) -> str | None:
+    """Why a backend failed to load, or ``None`` if it loaded (or was never tried)."""
+    load(name)
+    return _load_errors.get(name)
+
+
+def forced_backend() -> str:
+    """The backend forced by :func:`use_backend` or ``NPU_KERNELS_BACKEND``; ``"auto"`` if none."""
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` (``auto``, ``torch``, ``triton`` or ``npu``) for every op inside the block.
+
+    Example::
+
+        with npu_kernels.use_backend("torch"):
+            out = npu_kernels.geglu(x)
+    """
+    global _forced
+    previous, _forced = _forced, _check_name(name)
+    try:
+        if _forced != "auto" and load(_forced) is None:
+            raise BackendUnavailableError(f"npu_kernels backend {_forced!r} cannot load: {_load_errors[_forced]}")
+        yield
+    finally:
+        _forced = previous
+
+
+def not_supported_reasons(name: str, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    """Why backend ``name`` cannot run ``op`` on these inputs (empty when it can)."""
+    module = load(name)
+    if module is None:
+        return [f"cannot load: {_load_errors[name]}"]
+    return list(module.not_supported_reasons(op, *tensors))
+
+
+def auto_candidates(device_type: str) -> tuple[str, ...]:
+    """Backends ``auto`` tries for a device type, best first."""
+    return _AUTO_PRIORITY.get(device_type, ("torch",))
+
+
+def select(op: str, *tensors: torch.Tensor | None) -> str:
+    """Name of the backend that serves ``op`` for these input tensors."""
+    if _forced != "auto":
+        reasons = not_supported_reasons(_forced, op, tensors)
+        if reasons:
+            raise BackendUnavailableError(
+                f"npu_kernels backend {_forced!r} (forced) cannot run {op}: {'; '.join(reasons)}"
+            )
+        return _forced
+    device_type = next(t for t in tensors if t is not None).device.type
+    for name in auto_candidates(device_type):
+        if not not_supported_reasons(name, op, tensors):
+            return name
+    return "torch"
+
+
+def kernels(name: str) -> ModuleType:
+    """The loaded kernel module of a backend (it must have loaded: see :func:`select`)."""
+    module = load(name)
+    if module is None:
+        raise BackendUnavailableError(f"npu_kernels backend {name!r} cannot load: {_load_errors[name]}")
+    return module

@@ -1,0 +1,250 @@
+"""diffusers integration: the fused attention processor and ``optimize()``/``restore()``.
+
+``optimize`` patches modules in place by giving them an instance-level ``forward`` (the class's own
+forward is untouched and ``restore`` simply removes ours). Nothing is added, removed or renamed, so
+parameter names, ``state_dict`` keys and values stay identical and checkpoints and LoRA files keep
+loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import MethodType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
+from npu_kernels.ops.attention import CROSS_ATTENTION_MAX_KV
+
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+
+_FUSED_TAG = "_npu_kernels_fused"
+_PREVIOUS_PROCESSOR = "_npu_kernels_previous_processor"
+# Processors with exactly AttnProcessor2_0's maths; others (IP-adapter, custom ones) are left alone.
+_REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
+
+
+class FusedAttnProcessor:
+    """Drop-in for diffusers' ``AttnProcessor2_0`` running ``npu_kernels`` attention.
+
+    Self and cross attention; it calls ``attn.to_q/to_k/to_v/to_out`` (so PEFT LoRA layers apply)
+    and handles ``attention_mask``, ``residual_connection``, ``rescale_output_factor``,
+    ``norm_cross``, ``group_norm``, ``spatial_norm`` and ``norm_q``/``norm_k`` as ``AttnProcessor2_0``
+    does. Key/value sequences of at most 256 tokens (SDXL's 77 text tokens) go to
+    :func:`npu_kernels.cross_attention`, longer ones to :func:`npu_kernels.flash_attention`.
+
+    Example::
+
+        unet.set_attn_processor(npu_kernels.FusedAttnProcessor())
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # AttnProcessor2_0 lets SDPA default the scale to 1/sqrt(head_dim), ignoring attn.scale.
+        attention = cross_attention if key.shape[2] <= CROSS_ATTENTION_MAX_KV else flash_attention
+        hidden_states = attention(query, key, value, attn_mask=attention_mask)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ----------------------------------------------------------------------------- fused forwards
+def _fused_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
+    """``ResnetBlock2D.forward`` ("default" time-embedding norm, SiLU) with both norm+SiLU fused.
+
+    The time embedding still goes through ``self.nonlinearity``, exactly as in diffusers.
+    """
+    hidden_states = _fused_norm_silu(self.norm1, input_tensor)
+
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:  # diffusers' workaround for upsample_nearest_nhwc
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = _fused_norm_silu(self.norm2, hidden_states)
+
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:  # diffusers: avoids DDP's gradient-stride warning
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _norm_silu_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return _fused_norm_silu(self, x)
+
+
+def _identity_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x  # the SiLU already ran inside the fused GroupNorm before it
+
+
+def _geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return geglu(self.proj(hidden_states))
+
+
+# ----------------------------------------------------------------------------- optimize/restore
+@dataclasses.dataclass
+class OptimizeReport:
+    """What :func:`optimize` swapped (module counts) and what it left alone."""
+
+    attention_processors: int = 0
+    resnet_blocks: int = 0
+    norm_out_pairs: int = 0
+    geglu: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"npu_kernels.optimize: {self.attention_processors} attention processors, "
+            f"{self.resnet_blocks} ResnetBlock2D (GroupNorm+SiLU x2), {self.norm_out_pairs} conv_norm_out+conv_act, "
+            f"{self.geglu} GEGLU; {len(self.skipped)} modules left as they were"
+        )
+
+
+def _patch(module: nn.Module, forward: Callable) -> None:
+    module.forward = MethodType(forward, module)
+    setattr(module, _FUSED_TAG, True)
+
+
+def _is_plain_silu(module: nn.Module | None) -> bool:
+    return type(module) is nn.SiLU
+
+
+def _is_group_norm(module: nn.Module | None) -> bool:
+    return type(module) is nn.GroupNorm
+
+
+def optimize(model: nn.Module) -> OptimizeReport:
+    """Install npu_kernels' fused ops on a diffusers model, in place.
+
+    * every ``Attention`` using ``AttnProcessor2_0``/``AttnProcessor`` gets :class:`FusedAttnProcessor`;
+    * ``ResnetBlock2D`` (default time-embedding norm, SiLU): ``norm1``/``norm2`` + ``nonlinearity``
+      run as :func:`npu_kernels.group_norm_silu`; the time-embedding SiLU stays as it is;
+    * ``conv_norm_out`` (GroupNorm) followed by ``conv_act`` (SiLU) become one fused op;
+    * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection.
+
+    Works on ``UNet2DConditionModel`` and on any other model: it swaps what matches and leaves the
+    rest. Calling it twice changes nothing more. Undo with :func:`restore`.
+    """
+    report = OptimizeReport()
+    for name, module in model.named_modules():
+        if getattr(module, _FUSED_TAG, False):
+            continue
+        if isinstance(module, Attention):
+            processor = module.get_processor()
+            if isinstance(processor, FusedAttnProcessor):
+                continue
+            if type(processor) in _REPLACEABLE_PROCESSORS:
+                setattr(module, _PREVIOUS_PROCESSOR, processor)
+                module.set_processor(FusedAttnProcessor())
+                report.attention_processors += 1
+            else:
+                report.skipped.append(f"{name}: attention processor {type(processor).__name__}")
+        elif isinstance(module, ResnetBlock2D):
+            if (
+                module.time_embedding_norm == "default"
+                and _is_plain_silu(module.nonlinearity)
+                and _is_group_norm(module.norm1)
+                and _is_group_norm(module.norm2)
+            ):
+                _patch(module, _resnet_forward)
+                report.resnet_blocks += 1
+            else:
+                report.skipped.append(f"{name}: ResnetBlock2D ({module.time_embedding_norm}, {type(module.nonlinearity).__name__})")
+        elif isinstance(module, GEGLU):
+            _patch(module, _geglu_forward)
+            report.geglu += 1
+        norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+        if _is_group_norm(norm) and _is_plain_silu(act) and not getattr(norm, _FUSED_TAG, False):
+            _patch(norm, _norm_silu_forward)
+            _patch(act, _identity_forward)
+            report.norm_out_pairs += 1
+    return report
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize`: stock diffusers modules and processors again, same parameters."""
+    for module in model.modules():
+        if getattr(module, _FUSED_TAG, False):
+            del module.forward
+            delattr(module, _FUSED_TAG)
+        if isinstance(module, Attention) and isinstance(module.get_processor(), FusedAttnProcessor):
+            previous = module.__dict__.pop(_PREVIOUS_PROCESSOR, None)
+            module.set_processor(previous if previous is not None else AttnProcessor2_0())
+    return model

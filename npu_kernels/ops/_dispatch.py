@@ -1,0 +1,21 @@
+"""Shared plumbing of the ops: find a backend's kernel, falling back to the PyTorch path."""
+from __future__ import annotations
+
+from typing import Callable
+
+from npu_kernels import backends, torch_backend
+
+
+def kernel(backend: str, name: str) -> Callable:
+    """``name`` from the backend's kernel module, or the PyTorch path's when the backend lacks it.
+
+    The fallback is how e.g. the NPU backend gets GroupNorm+SiLU's backward: torch_npu has a fused
+    forward but no registered backward, so ours runs from the statistics the NPU forward saved.
+    """
+    fn = getattr(backends.kernels(backend), name, None)
+    return fn if fn is not None else getattr(torch_backend, name)
+
+
+def direct(backend: str, op: str) -> Callable | None:
+    """A backend's autograd-complete implementation of ``op`` (used as is), if it has one."""
+    return getattr(backends.kernels(backend), op, None)

@@ -1,0 +1,157 @@
+"""Non-causal attention ``softmax(q kᵀ·scale + mask) v``: flash (any length) and short-KV cross.
+
+Both ops share the maths, the checks and the autograd; they differ in the kernel a backend runs:
+``cross_attention`` is for key/value sequences of at most 256 tokens (SDXL's 77 text tokens), which
+a kernel can hold in one block without an online-softmax loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from npu_kernels import backends
+from npu_kernels.ops._dispatch import direct, kernel
+
+Tensor = torch.Tensor
+CROSS_ATTENTION_MAX_KV = 256
+
+
+def _out_like_sdpa(q: Tensor, v: Tensor) -> Tensor:
+    """``[B, H, Sq, Dv]`` stored as ``[B, Sq, H, Dv]``: what diffusers reshapes to next, for free."""
+    batch, heads, seq_q, _ = q.shape
+    return q.new_empty((batch, seq_q, heads, v.shape[-1])).transpose(1, 2)
+
+
+def _register(op: str) -> tuple:
+    """Define ``npu_kernels::{op}`` and its backward as custom ops with autograd; return both."""
+
+    @torch.library.custom_op(f"npu_kernels::{op}", mutates_args=())
+    def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        out, lse = kernel(backend, f"{_kernel_prefix(op)}_forward")(q, k, v, attn_mask, scale)
+        # One fixed output layout for every backend, so the fake impl can describe it.
+        expected = _out_like_sdpa(q, v)
+        if out.stride() != expected.stride():
+            out = expected.copy_(out)
+        return out, lse.float() if lse.dtype != torch.float64 else lse
+
+    @forward.register_fake
+    def _(q, k, v, attn_mask, scale, backend):
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _out_like_sdpa(q, v), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+    @torch.library.custom_op(f"npu_kernels::{op}_backward", mutates_args=())
+    def backward(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        attn_mask: Optional[Tensor], scale: float, backend: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        grads = kernel(backend, f"{_kernel_prefix(op)}_backward")(grad_out, q, k, v, out, lse, attn_mask, scale)
+        # Custom-op outputs must be fresh tensors with the fake impl's layout (that of the inputs).
+        return tuple(torch.empty_like(t).copy_(g) if g.stride() != t.stride() else g for g, t in zip(grads, (q, k, v)))
+
+    @backward.register_fake
+    def _(grad_out, q, k, v, out, lse, attn_mask, scale, backend):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, attn_mask, ctx.scale, ctx.backend = inputs
+        out, lse = output
+        # Output and logsumexp: the probabilities are recomputed blockwise in the backward.
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+        ctx.mark_non_differentiable(lse)
+
+    def grad(ctx, grad_out: Tensor, _grad_lse):
+        q, k, v, attn_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, attn_mask, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None  # masks get no gradient
+
+    forward.register_autograd(grad, setup_context=setup_context)
+    return forward, backward
+
+
+def _kernel_prefix(op: str) -> str:
+    return "attention" if op == "flash_attention" else "cross_attention"
+
+
+_flash_attention, _flash_attention_backward = _register("flash_attention")
+_cross_attention, _cross_attention_backward = _register("cross_attention")
+
+
+def _check(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> None:
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be [B, H, S, D]; got {shapes}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: incompatible shapes {shapes} (need q [B,H,Sq,D], k [B,H,Skv,D], v [B,H,Skv,Dv])")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if attn_mask is not None:
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), full)
+        except RuntimeError:
+            raise ValueError(f"{op}: attn_mask {tuple(attn_mask.shape)} does not broadcast to {full}") from None
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+
+
+def _additive_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """SDPA's masks as kernels take them: additive, 4-D (boolean True = attend)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+            ~attn_mask, float("-inf")
+        )
+    else:
+        attn_mask = attn_mask.to(dtype)
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
+def _attention(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    _check(op, q, k, v, attn_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = backends.select(op, q, k, v, attn_mask)
+    fused = direct(backend, op)
+    if fused is not None:
+        return fused(q, k, v, attn_mask, scale)
+    custom_op = _flash_attention if op == "flash_attention" else _cross_attention
+    return custom_op(q, k, v, _additive_mask(attn_mask, q.dtype), scale, backend)[0]
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Memory-efficient non-causal attention, ``softmax(q kᵀ·scale + mask) v``.
+
+    Args:
+        q: ``[B, H, Sq, D]``; k: ``[B, H, Skv, D]``; v: ``[B, H, Skv, Dv]``.
+        attn_mask: optional, broadcastable to ``[B, H, Sq, Skv]``: boolean (True = attend) or
+            additive, as ``torch.nn.functional.scaled_dot_product_attention`` takes it. It gets no
+            gradient.
+        scale: defaults to ``1/sqrt(D)``.
+
+    Returns:
+        ``[B, H, Sq, Dv]`` of q's dtype. The backward saves only the output and the logsumexp.
+    """
+    return _attention("flash_attention", q, k, v, attn_mask, scale)
+
+
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """:func:`flash_attention` for short key/value sequences (``Skv <= 256``, e.g. 77 text tokens).
+
+    Same arguments, maths and result; backends may hold all of K/V in one block. No rotary
+    embeddings.
+    """
+    if k.dim() == 4 and k.shape[2] > CROSS_ATTENTION_MAX_KV:
+        raise ValueError(
+            f"cross_attention: key/value length {k.shape[2]} exceeds {CROSS_ATTENTION_MAX_KV}; use flash_attention"
+        )
+    return _attention("cross_attention", q, k, v, attn_mask, scale)

@@ -1,0 +1,118 @@
+"""GroupNorm fused with SiLU: ``silu(group_norm(x, num_groups, weight, bias, eps))``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from npu_kernels import backends
+from npu_kernels.ops._dispatch import kernel
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("npu_kernels::group_norm_silu", mutates_args=())
+def _group_norm_silu(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    out, mean, rstd = kernel(backend, "group_norm_silu_forward")(x, num_groups, weight, bias, eps)
+    stat_dtype = _stat_dtype(x)
+    return out, mean.to(stat_dtype), rstd.to(stat_dtype)
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are float32, or float64 for float64 inputs (the reference)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@_group_norm_silu.register_fake
+def _(x, num_groups, weight, bias, eps, backend):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("npu_kernels::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_weight, grad_bias = kernel(backend, "group_norm_silu_backward")(
+        grad_out, x, weight, bias, mean, rstd, num_groups
+    )
+    # Custom ops cannot return None: an empty tensor stands for "no affine parameter".
+    empty = x.new_empty(0)
+    return grad_x, grad_weight if grad_weight is not None else empty, grad_bias if grad_bias is not None else empty
+
+
+@_group_norm_silu_backward.register_fake
+def _(grad_out, x, weight, bias, mean, rstd, num_groups, backend):
+    empty = x.new_empty(0)
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight) if weight is not None else empty,
+        torch.empty_like(bias) if bias is not None else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, ctx.num_groups, weight, bias, _eps, ctx.backend = inputs
+    _out, mean, rstd = output
+    # Input and statistics only: x̂, y and SiLU are recomputed in the backward.
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _group_norm_silu_backward(
+        grad_out, x, weight, bias, mean, rstd, ctx.num_groups, ctx.backend
+    )
+    return (
+        grad_x,
+        None,
+        grad_weight if weight is not None else None,
+        grad_bias if bias is not None else None,
+        None,
+        None,
+    )
+
+
+_group_norm_silu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``silu(group_norm(x, num_groups, weight, bias, eps))`` in one kernel.
+
+    Args:
+        x: ``[N, C, *spatial]``, contiguous or channels_last; ``C`` divisible by ``num_groups``.
+        num_groups: number of groups (32 in SDXL).
+        weight, bias: optional ``[C]`` affine parameters.
+        eps: added to the variance.
+
+    Returns:
+        A tensor shaped and laid out like ``x``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must be [N, C, *], got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups:
+        raise ValueError(f"group_norm_silu: {channels} channels are not divisible by num_groups={num_groups}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) != (channels,):
+            raise ValueError(f"group_norm_silu: {name} must have shape ({channels},), got {tuple(param.shape)}")
+        if param is not None and param.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {param.device} but x is on {x.device}")
+    backend = backends.select("group_norm_silu", x, weight, bias)
+    return _group_norm_silu(x, num_groups, weight, bias, eps, backend)[0]
