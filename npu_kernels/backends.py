@@ -63,11 +63,21 @@ def load(name: str) -> ModuleType | None:
     if name in _load_errors:
         return None
     try:
-        _loaded[name] = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # ImportError, or torch_npu failing without CANN (often OSError/RuntimeError)
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
-    return _loaded[name]
+    if not callable(getattr(module, "not_supported_reasons", None)):
+        _load_errors[name] = f"{_MODULES[name]} does not implement the backend contract (not_supported_reasons)"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def reset_cache() -> None:
+    """Forget which backends loaded (tests that put a stand-in ``torch_npu`` on the path use this)."""
+    _loaded.clear()
+    _load_errors.clear()
 
 
 def load_error(name: str) -> str | None:

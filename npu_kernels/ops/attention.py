@@ -24,6 +24,11 @@ def _out_like_sdpa(q: Tensor, v: Tensor) -> Tensor:
     return q.new_empty((batch, seq_q, heads, v.shape[-1])).transpose(1, 2)
 
 
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    """The logsumexp is float32 (float64 for float64 inputs, the reference)."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _register(op: str) -> tuple:
     """Define ``npu_kernels::{op}`` and its backward as custom ops with autograd; return both."""
 
@@ -34,12 +39,11 @@ def _register(op: str) -> tuple:
         expected = _out_like_sdpa(q, v)
         if out.stride() != expected.stride():
             out = expected.copy_(out)
-        return out, lse.float() if lse.dtype != torch.float64 else lse
+        return out, lse.to(_lse_dtype(q)).contiguous()
 
     @forward.register_fake
     def _(q, k, v, attn_mask, scale, backend):
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _out_like_sdpa(q, v), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+        return _out_like_sdpa(q, v), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
 
     @torch.library.custom_op(f"npu_kernels::{op}_backward", mutates_args=())
     def backward(

@@ -46,17 +46,19 @@ def _group_norm_silu_backward(
         grad_out, x, weight, bias, mean, rstd, num_groups
     )
     # Custom ops cannot return None: an empty tensor stands for "no affine parameter".
-    empty = x.new_empty(0)
-    return grad_x, grad_weight if grad_weight is not None else empty, grad_bias if grad_bias is not None else empty
+    return (
+        grad_x,
+        grad_weight if grad_weight is not None else x.new_empty(0),
+        grad_bias if grad_bias is not None else x.new_empty(0),
+    )
 
 
 @_group_norm_silu_backward.register_fake
 def _(grad_out, x, weight, bias, mean, rstd, num_groups, backend):
-    empty = x.new_empty(0)
     return (
         torch.empty_like(x),
-        torch.empty_like(weight) if weight is not None else empty,
-        torch.empty_like(bias) if bias is not None else empty,
+        torch.empty_like(weight) if weight is not None else x.new_empty(0),
+        torch.empty_like(bias) if bias is not None else x.new_empty(0),
     )
 
 
