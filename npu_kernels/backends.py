@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Iterator, Sequence
@@ -145,3 +146,17 @@ def kernels(name: str) -> ModuleType:
     if module is None:
         raise BackendUnavailableError(f"npu_kernels backend {name!r} cannot load: {_load_errors[name]}")
     return module
+
+
+def _preload() -> None:
+    """Import the backends this process can use now, so that ``torch.compile`` never traces an import."""
+    names = {"torch", _forced} - {"auto"}
+    if torch.cuda.is_available():
+        names.add("triton")
+    if importlib.util.find_spec("torch_npu") is not None:
+        names.add("npu")
+    for name in names:
+        load(name)
+
+
+_preload()

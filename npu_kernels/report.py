@@ -6,12 +6,12 @@ import torch
 from npu_kernels import backends
 
 
-def _sample_inputs(op: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+def _sample_inputs(op: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
     """Small tensors shaped like SDXL's uses of the op (on the meta device when ``device`` is absent)."""
     try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):
-        device = torch.device("meta")
+    except (RuntimeError, AssertionError):  # no such device here (or torch_npu not imported)
+        device = "meta"
 
     def make(*shape: int) -> torch.Tensor:
         return torch.empty(shape, device=device, dtype=dtype)
@@ -27,11 +27,11 @@ def _sample_inputs(op: str, device: torch.device, dtype: torch.dtype) -> tuple[t
 
 def describe(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, list[str]]]:
     """For each op: every backend ``auto`` would consider on ``device``, mapped to its reasons (empty = usable)."""
-    device = torch.device(device)
+    device = str(device)
     table: dict[str, dict[str, list[str]]] = {}
     for op in backends.OPS:
         inputs = _sample_inputs(op, device, dtype)
-        names = backends.auto_candidates(device.type)
+        names = backends.auto_candidates(device.split(":")[0])
         if backends.forced_backend() != "auto":
             names = (backends.forced_backend(),)
         table[op] = {name: backends.not_supported_reasons(name, op, inputs) for name in names}
