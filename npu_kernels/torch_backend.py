@@ -50,40 +50,35 @@ def geglu_backward(grad_out: Tensor, x: Tensor, approximate: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ GroupNorm + SiLU
-def _grouped(x: Tensor, num_groups: int) -> Tensor:
-    """View ``[N, C, *spatial]`` as ``[N, G, C/G, *spatial]`` (a view for any memory format)."""
-    return x.unflatten(1, (num_groups, x.shape[1] // num_groups))
+def _affine_for_native(param: Tensor | None, x: Tensor, fill: float) -> Tensor:
+    """Affine parameter in float32 (float64 for float64 input): ATen's GroupNorm then keeps its
+    statistics in float32 for half-precision inputs (its "mixed type" path) instead of rounding
+    them to bfloat16."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if param is None:
+        return torch.full((x.shape[1],), fill, dtype=dtype, device=x.device)
+    return param.to(dtype)
 
 
-def _per_group(stat: Tensor, ndim: int) -> Tensor:
-    """Broadcast a ``[N, G]`` statistic against a grouped ``[N, G, C/G, *spatial]`` tensor."""
-    return stat.reshape(stat.shape + (1,) * (ndim - 2))
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _per_channel(param: Tensor, grouped: Tensor) -> Tensor:
-    """Broadcast a ``[C]`` affine parameter against a grouped ``[N, G, C/G, *spatial]`` tensor."""
-    n_spatial = grouped.dim() - 3
-    return param.to(grouped.dtype).reshape((1,) + tuple(grouped.shape[1:3]) + (1,) * n_spatial)
-
-
-def _reduce_dims(grouped: Tensor) -> tuple[int, ...]:
-    return tuple(range(2, grouped.dim()))
+def _group_norm_sizes(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[:2]
+    return n, c, x.numel() // max(n * c, 1)
 
 
 def group_norm_silu_forward(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grouped = _grouped(x, num_groups)
-    # Statistics in float32 (float64 stays float64) whatever the input dtype.
-    acc = grouped.to(torch.promote_types(x.dtype, torch.float32))
-    var, mean = torch.var_mean(acc, dim=_reduce_dims(acc), unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    y = (acc - _per_group(mean, acc.dim())) * _per_group(rstd, acc.dim())
-    if weight is not None:
-        y = y * _per_channel(weight, acc)
-    if bias is not None:
-        y = y + _per_channel(bias, acc)
-    return F.silu(y).to(x.dtype).flatten(1, 2), mean, rstd
+    # ATen's vectorised GroupNorm (any memory format), then SiLU in place on its fresh output.
+    out, mean, rstd = torch.native_group_norm(
+        x, _affine_for_native(weight, x, 1.0), _affine_for_native(bias, x, 0.0),
+        *_group_norm_sizes(x), num_groups, eps,
+    )
+    return F.silu(out, inplace=True), mean, rstd
 
 
 def group_norm_silu_backward(
@@ -95,29 +90,28 @@ def group_norm_silu_backward(
     rstd: Tensor,
     num_groups: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Backward from the saved statistics: recompute x̂ and y = x̂·w + b, never the mean/rstd."""
-    grouped = _grouped(x, num_groups)
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    acc = grouped.to(acc_dtype)
-    dims = _reduce_dims(acc)
-    mean = _per_group(mean.to(acc_dtype), acc.dim())
-    rstd = _per_group(rstd.to(acc_dtype), acc.dim())
-    x_hat = (acc - mean) * rstd
-    y = x_hat * _per_channel(weight, acc) if weight is not None else x_hat
-    if bias is not None:
-        y = y + _per_channel(bias, acc)
-    sig = torch.sigmoid(y)
-    grad_y = _grouped(grad_out, num_groups).to(acc_dtype) * sig * (1 + y * (1 - sig))
-
-    channel_dims = (0,) + tuple(range(3, acc.dim()))  # reduce over N and spatial, keep (G, C/G)
-    grad_weight = (grad_y * x_hat).sum(channel_dims).flatten().to(weight.dtype) if weight is not None else None
-    grad_bias = grad_y.sum(channel_dims).flatten().to(bias.dtype) if bias is not None else None
-
-    grad_x_hat = grad_y * _per_channel(weight, acc) if weight is not None else grad_y
-    mean_grad = grad_x_hat.mean(dim=dims, keepdim=True)
-    mean_grad_x_hat = (grad_x_hat * x_hat).mean(dim=dims, keepdim=True)
-    grad_x = (grad_x_hat - mean_grad - x_hat * mean_grad_x_hat) * rstd
-    return grad_x.to(x.dtype).flatten(1, 2), grad_weight, grad_bias
+    """Backward from the saved statistics: recompute y = x̂·w + b (one pass), never the mean/rstd."""
+    n, c, hw = _group_norm_sizes(x)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = _affine_for_native(weight, x, 1.0)
+    b = _affine_for_native(bias, x, 0.0)
+    # y = x·scale + shift, per (sample, channel): scale = rstd·w, shift = b - mean·rstd·w. In the
+    # input's dtype: y only feeds SiLU's derivative, and half precision there halves the traffic.
+    per_channel = lambda stat: stat.to(acc).repeat_interleave(c // num_groups, dim=1)  # noqa: E731
+    scale = per_channel(rstd) * w
+    shift = b - per_channel(mean) * scale
+    view = (n, c) + (1,) * (x.dim() - 2)
+    y = torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    # ATen's GroupNorm backward wants the gradient in the input's memory format.
+    grad_y = torch.ops.aten.silu_backward(grad_out.to(x.dtype), y).contiguous(memory_format=_memory_format(x))
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+        grad_y, x, mean, rstd, w, n, c, hw, num_groups, [True, weight is not None, bias is not None]
+    )
+    return (
+        grad_x,
+        grad_weight.to(weight.dtype) if weight is not None else None,
+        grad_bias.to(bias.dtype) if bias is not None else None,
+    )
 
 
 # ------------------------------------------------------------------------------------- attention
