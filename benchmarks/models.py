@@ -1,0 +1,85 @@
+"""Random-init UNets for the benchmarks: SDXL's full architecture (built on the meta device and
+materialised in place, no download) or a tiny one of the same layout for the CI smoke run."""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, the fields that shape the network.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+TINY_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG,
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 2, 4),
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+POOLED_DIM = {id(SDXL_UNET_CONFIG): 1280, id(TINY_UNET_CONFIG): 32}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@torch.no_grad()
+def _random_init(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fan-in scaled normal weights, zero biases, unit norms: activations stay O(1) through the net."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            fan_in = math.prod(weight.shape[1:])
+            weight.copy_(torch.randn(weight.shape, generator=generator).mul_(1 / math.sqrt(fan_in)))
+        elif isinstance(weight, torch.Tensor):
+            weight.fill_(1.0)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+
+
+def build_lora_unet(config: dict, device: torch.device, weight_dtype: torch.dtype, rank: int = 4) -> UNet2DConditionModel:
+    """The recipe's model: frozen UNet in ``weight_dtype``, PEFT LoRA (rank 4) trainable in fp32."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to(weight_dtype).to_empty(device=device)
+    _random_init(unet)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # diffusers' cast_training_params: LoRA trains in fp32
+    unet.train()
+    return unet
+
+
+def unet_inputs(config: dict, latent_size: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    pixels = latent_size * 8
+    return {
+        "sample": torch.randn(1, 4, latent_size, latent_size, generator=generator).to(device),
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, 77, config["cross_attention_dim"], generator=generator).to(device),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(1, POOLED_DIM[id(config)], generator=generator).to(device),
+            "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32, device=device),
+        },
+    }
