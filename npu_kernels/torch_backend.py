@@ -90,20 +90,18 @@ def group_norm_silu_backward(
     rstd: Tensor,
     num_groups: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Backward from the saved statistics: recompute y = x̂·w + b (one pass), never the mean/rstd."""
+    """Backward from the saved statistics: recompute y = (x - mean)·rstd·w + b, never the mean/rstd."""
     n, c, hw = _group_norm_sizes(x)
     acc = torch.promote_types(x.dtype, torch.float32)
     w = _affine_for_native(weight, x, 1.0)
-    b = _affine_for_native(bias, x, 0.0)
-    # y = x·scale + shift, per (sample, channel): scale = rstd·w, shift = b - mean·rstd·w. In the
-    # input's dtype: y only feeds SiLU's derivative, and half precision there halves the traffic.
-    per_channel = lambda stat: stat.to(acc).repeat_interleave(c // num_groups, dim=1)  # noqa: E731
-    scale = per_channel(rstd) * w
-    shift = b - per_channel(mean) * scale
     view = (n, c) + (1,) * (x.dim() - 2)
-    y = torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    per_channel = lambda stat: stat.to(acc).repeat_interleave(c // num_groups, dim=1).view(view)  # noqa: E731
+    affine = lambda param: param.view((1, c) + view[2:])  # noqa: E731
+    # Centre first, in float32: folding the mean into a shift (x·s + (b - mean·s)) cancels badly
+    # when |mean|·rstd is large. y only feeds SiLU's derivative, so it may then drop to x's dtype.
+    y = (x - per_channel(mean)).mul_(per_channel(rstd) * affine(w)).add_(affine(_affine_for_native(bias, x, 0.0)))
     # ATen's GroupNorm backward wants the gradient in the input's memory format.
-    grad_y = torch.ops.aten.silu_backward(grad_out.to(x.dtype), y).contiguous(memory_format=_memory_format(x))
+    grad_y = torch.ops.aten.silu_backward(grad_out.to(x.dtype), y.to(x.dtype)).contiguous(memory_format=_memory_format(x))
     grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
         grad_y, x, mean, rstd, w, n, c, hw, num_groups, [True, weight is not None, bias is not None]
     )

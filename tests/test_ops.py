@@ -258,3 +258,16 @@ def test_python_m_npu_kernels_prints_report():
     out = subprocess.run([sys.executable, "-m", "npu_kernels"], capture_output=True, text=True, check=True).stdout
     for word in ("torch", "diffusers", "triton", "torch_npu", "devices seen", "group_norm_silu", "cross_attention"):
         assert word in out
+
+
+def test_group_norm_silu_large_mean_keeps_precision():
+    # Activations far from zero relative to their spread: the backward must centre before scaling.
+    x = leaf(torch.randn(2, 64, 4, 4, dtype=torch.float64).mul_(0.5).add_(50.0).float())
+    weight, bias = randn(64, dtype=torch.float32), randn(64, dtype=torch.float32)
+    reference.check_against_reference(
+        lambda *t: npu_kernels.group_norm_silu(t[0], 32, *t[1:]),
+        lambda *t: reference.group_norm_silu(t[0], 32, *t[1:]),
+        [x, weight, bias],
+        torch.float32,
+        "group_norm_silu large mean",
+    )
