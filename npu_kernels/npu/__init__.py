@@ -1,0 +1,322 @@
+"""Ascend NPU backend: thin adapters over torch_npu's fused operators.
+
+Importing this module imports ``torch_npu`` (which needs the CANN toolkit); the dispatcher in
+``npu_kernels.backends`` does that inside ``try/except`` and reports the error when it fails.
+
+What each op runs (signatures as Ascend documents them; see ``docs/ascend_npu.md`` for links):
+
+* ``geglu`` -> ``torch_npu.npu_geglu(x, dim=-1, approximate=0|1)[0]``. torch_npu computes
+  ``A * gelu(B)`` with A the first and B the second half (diffusers' GEGLU layout) and registers
+  the backward itself (``npu_geglu_grad``), so this is autograd-complete. ``approximate`` is an
+  index: 0 = erf ("none"), 1 = tanh; its default is 1, so it is always passed explicitly.
+* ``group_norm_silu_forward`` -> ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``,
+  which returns ``(out, mean, rstd)`` but has no registered backward: the dispatcher wraps this
+  forward in its own autograd, whose backward runs from the saved mean/rstd.
+* ``flash_attention`` / ``cross_attention`` -> ``torch_npu.npu_fusion_attention`` with
+  ``head_num=H``, ``scale=scale``, ``keep_prob=1.0`` (no dropout), whose backward
+  (``npu_fusion_attention_grad``) torch_npu registers itself. Masks are translated from SDPA's
+  conventions to torch_npu's: a boolean mask (True = attend) is inverted, because torch_npu's
+  ``atten_mask`` is True/1 = *masked out*; an additive mask made only of 0 and -inf becomes such a
+  boolean mask; any other additive mask goes in as ``pse`` divided by ``scale``, because torch_npu
+  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``).
+
+Nothing here knows about diffusers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import failure)
+
+Tensor = torch.Tensor
+
+OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+
+#: torch_npu's GELU index for ``npu_geglu``: 0 = erf ("none"), 1 = tanh.
+GELU_APPROXIMATE = {"none": 0, "tanh": 1}
+
+#: Dtypes the fused ops take (bfloat16 on Atlas A2-class devices; float32 attention only on
+#: torch_npu/CANN releases that document it, see :func:`float32_attention_problem`).
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# npu_fusion_attention's documented ranges. The current page allows D up to 768; earlier
+# releases' limit was 512, which is what we accept (SDXL uses 64). Nq 1..256, S 1..1M, B 1..2M.
+MAX_HEAD_DIM = 512
+MAX_HEADS = 256
+MAX_SEQ_LEN = 1 << 20
+MAX_BATCH = 2 << 20
+GROUP_NORM_MAX_DIMS = 8
+
+#: ``1``/``0`` forces float32 attention on/off instead of probing the installed release once.
+FP32_ATTENTION_ENV = "NPU_KERNELS_NPU_FP32_ATTENTION"
+
+_fp32_attention_problems: dict[str, str | None] = {}
+
+
+# ----------------------------------------------------------------------------------- settings
+def configure_npu_for_training() -> None:
+    """Ascend's recommended setting for training: keep tensors in ND (no private formats).
+
+    Sets ``torch.npu.config.allow_internal_format = False`` (``torch.npu`` is installed by
+    importing torch_npu; ``torch_npu.npu`` is the same module).
+    """
+    npu = getattr(torch, "npu", None)
+    if npu is None or not hasattr(npu, "config"):
+        npu = torch_npu.npu
+    npu.config.allow_internal_format = False
+
+
+# ----------------------------------------------------------------------------------------- GEGLU
+def geglu(x: Tensor, approximate: str) -> Tensor:
+    """``x[..., :H] * gelu(x[..., H:])`` with torch_npu's fused GeGLU (autograd by torch_npu)."""
+    try:
+        index = GELU_APPROXIMATE[approximate]
+    except KeyError:
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}") from None
+    return torch_npu.npu_geglu(x, dim=-1, approximate=index)[0]
+
+
+# ------------------------------------------------------------------------------ GroupNorm + SiLU
+def _at_least_as_precise(param_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    return param_dtype == x_dtype or param_dtype == torch.float32
+
+
+def _affine_for_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weight and bias as npu_group_norm_silu takes them: both present (ones/zeros when absent,
+    as older schemas require them), of one dtype, and not less precise than ``x``."""
+    given = [t.dtype for t in (weight, bias) if t is not None]
+    dtype = x.dtype
+    if given:
+        dtype = given[0] if len(given) == 1 else torch.promote_types(*given)
+    if not _at_least_as_precise(dtype, x.dtype):
+        dtype = torch.float32
+    channels = x.shape[1]
+    weight = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
+    bias = torch.zeros(channels, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
+    return weight, bias
+
+
+def group_norm_silu_forward(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(silu(group_norm(x)), mean, rstd)`` from ``torch_npu.npu_group_norm_silu``.
+
+    torch_npu returns mean/rstd ``[N, G]`` in ``x``'s dtype; they are returned as float32 (for
+    float16/bfloat16 inputs they carry the input dtype's rounding). No backward here: torch_npu
+    registers none, the dispatcher's autograd runs one from these statistics.
+    """
+    weight, bias = _affine_for_kernel(x, weight, bias)
+    out, mean, rstd = torch_npu.npu_group_norm_silu(x, weight, bias, group=num_groups, eps=eps)
+    return out, mean.float(), rstd.float()
+
+
+# ------------------------------------------------------------------------------------- attention
+def _as_4d(mask: Tensor) -> Tensor:
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def _atten_mask_for_kernel(masked_out: Tensor, full: tuple[int, int, int, int]) -> Tensor:
+    """A boolean True = masked-out tensor in one of the shapes torch_npu takes: B1SS/11SS or BNSS."""
+    batch, heads, seq_q, seq_kv = full
+    if masked_out.shape[1] == 1:
+        shape = (batch if masked_out.shape[0] != 1 else 1, 1, seq_q, seq_kv)
+    else:
+        shape = full  # 1NSS is not an accepted atten_mask shape: expand the batch too
+    return masked_out.expand(shape).contiguous()
+
+
+def _pse_for_kernel(mask: Tensor, dtype: torch.dtype, full: tuple[int, int, int, int], scale: float) -> Tensor:
+    """An additive SDPA mask as torch_npu's ``pse``: divided by ``scale`` (torch_npu computes
+    ``scale * (pse + q kᵀ)``), in the query dtype, shaped 1NSS (same for every batch) or BNSS.
+    Infinities are clamped to the dtype's range: they still underflow to zero probability."""
+    if scale == 0:
+        raise NotImplementedError("npu attention: an additive mask with scale=0 cannot be passed as pse")
+    limits = torch.finfo(dtype)
+    pse = (mask.to(torch.float32) / scale).clamp(limits.min, limits.max).to(dtype)
+    batch, heads, seq_q, seq_kv = full
+    shape = (1, heads, seq_q, seq_kv) if pse.shape[0] == 1 else full
+    return pse.expand(shape).contiguous()
+
+
+def _masks_for_kernel(
+    attn_mask: Tensor | None, q: Tensor, full: tuple[int, int, int, int], scale: float
+) -> tuple[Tensor | None, Tensor | None]:
+    """SDPA's ``attn_mask`` -> torch_npu's ``(atten_mask, pse)``."""
+    if attn_mask is None:
+        return None, None
+    mask = _as_4d(attn_mask)
+    if mask.dtype == torch.bool:
+        return _atten_mask_for_kernel(~mask, full), None  # SDPA True = attend; torch_npu True = masked
+    if not mask.requires_grad:
+        neg_inf = torch.isneginf(mask)
+        if bool((neg_inf | (mask == 0)).all()):  # one host sync, only for float masks
+            return _atten_mask_for_kernel(neg_inf, full), None
+    return None, _pse_for_kernel(mask, q.dtype, full, scale)
+
+
+def _layout_for_kernel(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, tuple[Tensor, Tensor, Tensor]]:
+    """``BNSD`` for [B, H, S, D]-contiguous inputs. Inputs that are [B, S, H, D] memory viewed as
+    [B, H, S, D] (what diffusers' ``view(B, S, H, D).transpose(1, 2)`` gives) go in as ``BSND``
+    instead: the same data read in place, where ``BNSD`` would need three copies."""
+    if not q.is_contiguous() and q.transpose(1, 2).is_contiguous():
+        return "BSND", tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return "BNSD", (q.contiguous(), k.contiguous(), v.contiguous())
+
+
+def _fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    batch, heads, seq_q, _ = q.shape
+    full = (batch, heads, seq_q, k.shape[2])
+    atten_mask, pse = _masks_for_kernel(attn_mask, q, full, float(scale))
+    layout, (qk, kk, vk) = _layout_for_kernel(q, k, v)
+    out = torch_npu.npu_fusion_attention(
+        qk, kk, vk, heads, layout, pse=pse, atten_mask=atten_mask, scale=float(scale), keep_prob=1.0
+    )[0]
+    return out if layout == "BNSD" else out.transpose(1, 2)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    """``softmax(q kᵀ·scale + mask) v`` for ``q [B,H,Sq,D]``, ``k/v [B,H,Skv,D]`` -> ``[B,H,Sq,D]``.
+
+    ``attn_mask`` follows SDPA (None, boolean True = attend, or additive float), broadcastable to
+    ``[B,H,Sq,Skv]``. Autograd by torch_npu (``npu_fusion_attention_grad``); an additive mask that
+    requires grad gets one through ``pse``.
+    """
+    return _fusion_attention(q, k, v, attn_mask, scale)
+
+
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    """:func:`flash_attention` for short key/value sequences: the same torch_npu kernel serves both."""
+    return _fusion_attention(q, k, v, attn_mask, scale)
+
+
+# ------------------------------------------------------------------------ what this backend serves
+def _probe_float32_attention(device: torch.device) -> str | None:
+    """Run a tiny float32 forward+backward once; the error text if the installed release refuses."""
+    try:
+        with torch.enable_grad():
+            q, k, v = (torch.zeros(1, 1, 2, 16, dtype=torch.float32, device=device, requires_grad=True) for _ in "qkv")
+            out = torch_npu.npu_fusion_attention(q, k, v, 1, "BNSD", scale=0.25, keep_prob=1.0)[0]
+            out.sum().backward()
+            if device.type == "npu":
+                getattr(torch, "npu", torch_npu.npu).synchronize()
+    except Exception as exc:  # the op's dtype check (RuntimeError), or anything the runtime raises
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def float32_attention_problem(device: torch.device) -> str | None:
+    """Why float32 attention cannot run on ``device`` (None when it can).
+
+    float32 is documented for ``npu_fusion_attention`` from the 6.0.RC3 API reference on, not in
+    the earlier (CANN 7.0 era) pages. Which release is installed is told by trying it: a tiny
+    float32 forward and backward, once per device. ``NPU_KERNELS_NPU_FP32_ATTENTION=1``/``0``
+    decides without probing.
+    """
+    forced = os.environ.get(FP32_ATTENTION_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return None
+    if forced in ("0", "false", "no", "off"):
+        return f"float32 attention disabled by {FP32_ATTENTION_ENV}={forced}"
+    if device.type == "meta":
+        return None  # nothing to run a probe on (e.g. a report without the device): assume a current release
+    key = str(device)
+    if key not in _fp32_attention_problems:
+        if _tracing():
+            return None  # fake tensors would always "pass": probe later, in eager mode
+        _fp32_attention_problems[key] = _probe_float32_attention(device)
+    return _fp32_attention_problems[key]
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._guards.detect_fake_mode() is not None
+    except Exception:  # private API: if it moves, behave as eager
+        return False
+
+
+def reset_capability_cache() -> None:
+    """Forget probe results (tests; or after changing the environment)."""
+    _fp32_attention_problems.clear()
+
+
+def _dtype_reasons(what: str, tensors: list[Tensor]) -> list[str]:
+    return [
+        f"{what} dtype {t.dtype} is not supported by torch_npu's fused op (float16, bfloat16, float32)"
+        for t in tensors
+        if t.dtype not in FUSED_DTYPES
+    ]
+
+
+def _geglu_reasons(x: Tensor) -> list[str]:
+    reasons = _dtype_reasons("geglu input", [x])
+    if x.dim() == 0 or x.shape[-1] % 2:
+        reasons.append(f"geglu needs an even last dimension, got shape {tuple(x.shape)}")
+    return reasons
+
+
+def _group_norm_silu_reasons(x: Tensor, *affine: Tensor | None) -> list[str]:
+    params = [t for t in affine if t is not None]
+    reasons = _dtype_reasons("group_norm_silu input", [x]) + _dtype_reasons("group_norm_silu weight/bias", params)
+    if not 2 <= x.dim() <= GROUP_NORM_MAX_DIMS:
+        reasons.append(f"npu_group_norm_silu takes 2..{GROUP_NORM_MAX_DIMS}-D input, got {x.dim()}-D")
+    elif any(size == 0 for size in x.shape):
+        reasons.append(f"npu_group_norm_silu needs every dimension > 0, got shape {tuple(x.shape)}")
+    return reasons
+
+
+def _attention_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None) -> list[str]:
+    qkv = [t for t in (q, k, v) if t is not None]
+    reasons = _dtype_reasons("attention q/k/v", qkv[:1])
+    if len({t.dtype for t in qkv}) > 1:
+        reasons.append("q, k, v dtypes differ")
+    if any(t.dim() != 4 for t in qkv):
+        return reasons + ["attention needs 4-D [B, H, S, D] q, k, v"]
+    if q.dtype == torch.float32:
+        problem = float32_attention_problem(q.device)
+        if problem is not None:
+            reasons.append(
+                f"float32 attention is not supported by the installed torch_npu/CANN ({problem}); "
+                "use float16 or bfloat16"
+            )
+    batch, heads, seq_q, head_dim = q.shape
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} outside npu_fusion_attention's 1..{MAX_HEAD_DIM}")
+    if not 1 <= heads <= MAX_HEADS:
+        reasons.append(f"{heads} heads outside npu_fusion_attention's 1..{MAX_HEADS}")
+    if not 1 <= batch <= MAX_BATCH:
+        reasons.append(f"batch {batch} outside npu_fusion_attention's 1..{MAX_BATCH}")
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and not 1 <= t.shape[2] <= MAX_SEQ_LEN:
+            reasons.append(f"{name} sequence length {t.shape[2]} outside npu_fusion_attention's 1..{MAX_SEQ_LEN}")
+    if k is not None and (k.shape[-1] != head_dim or (v is not None and v.shape[-1] > head_dim)):
+        reasons.append("npu_fusion_attention needs Dq == Dk >= Dv")
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            reasons.append(f"attn_mask dtype {mask.dtype}: only bool or additive float masks are supported")
+        if mask.dim() > 4:
+            reasons.append(f"attn_mask must have at most 4 dims, got {mask.dim()}")
+    return reasons
+
+
+def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
+    """Why this backend cannot serve ``op`` for these inputs (empty when it can).
+
+    Tensor order as the dispatcher passes them: geglu ``(x,)``; group_norm_silu
+    ``(x, weight, bias)``; attention ``(q, k, v, attn_mask)``. The tensors' device is not checked:
+    a forced backend runs on whatever device the tensors are on.
+    """
+    if op not in OPS:
+        return [f"the npu backend has no op {op!r}"]
+    if not tensors or tensors[0] is None:
+        return [f"{op}: no input tensor"]
+    if op == "geglu":
+        return _geglu_reasons(tensors[0])
+    if op == "group_norm_silu":
+        return _group_norm_silu_reasons(*tensors)
+    q, k, v, mask = (tuple(tensors) + (None, None, None))[:4]
+    return _attention_reasons(q, k, v, mask)

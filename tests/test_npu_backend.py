@@ -1,0 +1,549 @@
+"""The Ascend NPU backend (``npu_kernels.npu``) against a stand-in ``torch_npu``, on CPU tensors.
+
+``tests/torch_npu_standin/torch_npu`` implements torch_npu's four fused ops in reference maths with
+the documented signatures and input checks, and records every call. These tests check that the
+adapters call torch_npu the documented way (layout, head_num, scale, keep_prob=1, mask polarity,
+GELU index, affine parameters) and that forward and backward match float64 reference maths. They
+say nothing about the real kernels' numerics or speed: that needs an NPU (see docs/ascend_npu.md).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import npu_kernels
+from npu_kernels import backends, torch_backend
+from tests import reference
+
+STANDIN_DIR = Path(__file__).resolve().parent / "torch_npu_standin"
+DTYPES = [torch.float32, torch.bfloat16]
+_SWAPPED_MODULES = ("torch_npu", "npu_kernels.npu")
+
+
+@pytest.fixture(scope="module")
+def env():
+    """Put the stand-in first on sys.path, import it and the adapters, and make the dispatcher load
+    them; undo all of it afterwards so that other test modules see this process as it was."""
+    current = sys.modules.get("torch_npu")
+    if current is not None and not getattr(current, "IS_STANDIN", False):
+        pytest.skip("the real torch_npu is imported in this process; these tests need the stand-in")
+    saved = {name: sys.modules.pop(name, None) for name in _SWAPPED_MODULES}
+    had_attr, old_attr = hasattr(npu_kernels, "npu"), getattr(npu_kernels, "npu", None)
+    sys.path.insert(0, str(STANDIN_DIR))
+    backends.reset_cache()
+    try:
+        torch_npu = importlib.import_module("torch_npu")
+        assert getattr(torch_npu, "IS_STANDIN", False), "the real torch_npu was imported instead of the stand-in"
+        assert Path(torch_npu.__file__).resolve().parent.parent == STANDIN_DIR
+        adapters = importlib.import_module("npu_kernels.npu")
+        assert adapters.torch_npu is torch_npu
+        assert backends.load("npu") is adapters, backends.load_error("npu")
+        yield types.SimpleNamespace(torch_npu=torch_npu, npu=adapters)
+    finally:
+        sys.path.remove(str(STANDIN_DIR))
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        if had_attr:
+            npu_kernels.npu = old_attr
+        elif hasattr(npu_kernels, "npu"):
+            del npu_kernels.npu
+        backends.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def fresh(env, monkeypatch):
+    """Each test starts with an empty call log and a float32-capable emulated release, probed once
+    *before* the test (so the probe's own calls are not in the log)."""
+    monkeypatch.delenv(env.npu.FP32_ATTENTION_ENV, raising=False)
+    env.npu.reset_capability_cache()
+    assert env.npu.float32_attention_problem(torch.device("cpu")) is None
+    env.torch_npu.reset()
+    yield
+    env.npu.reset_capability_cache()
+    env.torch_npu.reset()
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def randn(*shape, dtype, scale=1.0) -> torch.Tensor:
+    return leaf(torch.randn(*shape, dtype=torch.float64).mul_(scale).to(dtype))
+
+
+def only_call(env, name: str) -> dict:
+    found = env.torch_npu.calls(name)
+    assert len(found) == 1, f"expected one {name} call, got {len(found)}: {[c['name'] for c in env.torch_npu.CALLS]}"
+    return found[0]
+
+
+def test_the_stand_in_is_what_the_adapters_import(env):
+    assert env.torch_npu.IS_STANDIN
+    assert "torch_npu_standin" in env.torch_npu.__file__
+    assert env.npu.torch_npu is env.torch_npu
+
+
+def test_configure_npu_for_training_disables_internal_format(env, monkeypatch):
+    monkeypatch.setattr(env.torch_npu.npu.config, "allow_internal_format", True)
+    env.npu.configure_npu_for_training()
+    assert env.torch_npu.npu.config.allow_internal_format is False
+
+
+# ----------------------------------------------------------------------------------------- GEGLU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate,index", [("none", 0), ("tanh", 1)])
+@pytest.mark.parametrize("shape", [(1, 1, 2), (3, 5, 14), (2, 7, 2 * 33)])
+def test_geglu_adapter(env, shape, approximate, index, dtype):
+    x = randn(*shape, dtype=dtype, scale=2.0)
+    reference.check_against_reference(
+        lambda t: env.npu.geglu(t, approximate), lambda t: reference.geglu(t, approximate), [x], dtype, "npu geglu"
+    )
+    call = only_call(env, "npu_geglu")["kwargs"]
+    assert (call["dim"], call["approximate"], call["activate_left"]) == (-1, index, False)
+    grad_call = only_call(env, "npu_geglu_grad")["kwargs"]  # torch_npu's own backward ran
+    assert (grad_call["dim"], grad_call["approximate"]) == (-1, index)
+
+
+def test_geglu_non_contiguous_input(env):
+    x = leaf(torch.randn(4, 2 * 10, 3).transpose(1, 2))
+    assert not x.is_contiguous()
+    reference.check_against_reference(lambda t: env.npu.geglu(t, "none"), reference.geglu, [x], torch.float32, "strided")
+
+
+def test_geglu_refuses_unknown_approximation(env):
+    with pytest.raises(ValueError, match="approximate"):
+        env.npu.geglu(torch.randn(2, 4), "fast")
+
+
+# ------------------------------------------------------------------------------ GroupNorm + SiLU
+GN_CASES = [
+    ((1, 9, 5, 7), 3),  # N 1, odd channel count, odd spatial sizes
+    ((2, 6, 3), 3),  # 1-D spatial
+    ((2, 4, 1, 1), 2),  # one spatial element
+    ((1, 6, 3, 2, 3), 1),  # 3-D spatial, one group
+    ((3, 16), 2),  # no spatial dims
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,groups", GN_CASES)
+def test_group_norm_silu_forward_adapter(env, shape, groups, affine, dtype):
+    x = leaf(randn(*shape, dtype=dtype, scale=3.0).detach() + 0.5)
+    weight = randn(shape[1], dtype=dtype) if affine else None
+    bias = randn(shape[1], dtype=dtype) if affine else None
+    out, mean, rstd = env.npu.group_norm_silu_forward(x, groups, weight, bias, 1e-5)
+
+    # One kernel call, with the documented arguments; ones/zeros stand in for absent affine params.
+    call = only_call(env, "npu_group_norm_silu")["kwargs"]
+    assert (call["group"], call["eps"]) == (groups, 1e-5)
+    if affine:
+        assert torch.equal(call["weight"], weight.detach()) and torch.equal(call["bias"], bias.detach())
+    else:
+        assert torch.equal(call["weight"], torch.ones(shape[1], dtype=dtype))
+        assert torch.equal(call["bias"], torch.zeros(shape[1], dtype=dtype))
+    # torch_npu registers no backward for it: nothing may differentiate through these outputs.
+    assert not (out.requires_grad or mean.requires_grad or rstd.requires_grad)
+
+    x64 = x.detach().double()
+    grouped = x64.reshape(shape[0], groups, -1)
+    var64, mean64 = torch.var_mean(grouped, dim=-1, unbiased=False)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (shape[0], groups)
+    stat_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # torch_npu returns stats in x's dtype
+    torch.testing.assert_close(mean.double(), mean64, rtol=stat_tol, atol=stat_tol)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(var64 + 1e-5), rtol=stat_tol, atol=stat_tol)
+
+    # The dispatcher's backward, run from these statistics, against float64 autograd.
+    params = [x] + ([weight, bias] if affine else [])
+    ref_inputs = reference.as_float64_leaves(params)
+    ref_out = reference.group_norm_silu(ref_inputs[0], groups, *ref_inputs[1:], eps=1e-5)
+    reference.assert_close(out, ref_out, dtype, "npu group_norm_silu forward")
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out)
+    grads = torch_backend.group_norm_silu_backward(grad_out.to(dtype), x.detach(), weight, bias, mean, rstd, groups)
+    for got, want, what in zip(grads, ref_grads, ("x", "weight", "bias")):
+        reference.assert_close(got, want, dtype, f"npu group_norm_silu grad {what}")
+
+
+def test_bfloat16_statistics_cost_little_gradient_accuracy_at_sdxl_group_sizes(env):
+    """torch_npu returns mean/rstd in the input dtype, so for bfloat16 inputs the backward runs
+    from bfloat16-rounded statistics. At SDXL-like group sizes (here 2x16x16 values per group,
+    |mean| ~ std) the gradient error stays close to that of float32 statistics (the PyTorch path)."""
+    shape, groups = (2, 64, 16, 16), 32
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 0.5).to(torch.bfloat16)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    x64 = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.group_norm_silu(x64, groups), x64, grad_out)
+
+    def grad_error(mean, rstd):
+        got = torch_backend.group_norm_silu_backward(grad_out.bfloat16(), x, None, None, mean, rstd, groups)[0]
+        return (got.double() - want).abs().max().item()
+
+    npu_error = grad_error(*env.npu.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
+    torch_error = grad_error(*torch_backend.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
+    assert npu_error <= 2 * torch_error + 1e-3, (npu_error, torch_error)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype,b_dtype,kernel_dtype",
+    [
+        (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),  # less precise than x: upcast
+        (torch.bfloat16, torch.float32, torch.float32, torch.float32),  # more precise: kept
+        (torch.bfloat16, torch.float16, torch.float16, torch.float32),  # neither: float32
+        (torch.float16, torch.float16, None, torch.float16),  # bias absent: zeros of weight's dtype
+        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32),  # one dtype for both
+    ],
+)
+def test_group_norm_silu_affine_follows_the_documented_dtype_rules(env, x_dtype, w_dtype, b_dtype, kernel_dtype):
+    x = torch.randn(2, 4, 3, dtype=x_dtype)
+    weight = torch.randn(4, dtype=w_dtype)
+    bias = torch.randn(4, dtype=b_dtype) if b_dtype is not None else None
+    env.npu.group_norm_silu_forward(x, 2, weight, bias, 1e-6)
+    call = only_call(env, "npu_group_norm_silu")["kwargs"]
+    assert call["weight"].dtype == call["bias"].dtype == kernel_dtype
+    if bias is None:
+        assert not call["bias"].any()
+
+
+# ------------------------------------------------------------------------------------- attention
+ATTENTION_CASES = [  # B, H, Sq, Skv, D
+    (2, 3, 16, 16, 8),
+    (1, 2, 1, 77, 16),  # one query token, SDXL's 77 text tokens, batch 1
+    (2, 1, 5, 77, 8),
+]
+MASK_KINDS = ["none", "bool_b1ss", "bool_key", "bool_bnss", "bool_1nss", "zero_neginf", "additive", "additive_1nss"]
+
+
+def _make_mask(kind: str, b: int, h: int, sq: int, skv: int, dtype) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    shape = {
+        "bool_b1ss": (b, 1, sq, skv), "bool_key": (skv,), "bool_bnss": (b, h, sq, skv), "bool_1nss": (1, h, sq, skv),
+        "zero_neginf": (b, 1, 1, skv), "additive": (b, 1, 1, skv), "additive_1nss": (1, h, sq, skv),
+    }[kind]
+    keep = torch.rand(shape) > 0.4
+    keep[..., 0] = True  # never a fully masked row
+    if kind.startswith("bool"):
+        return keep
+    if kind == "zero_neginf":
+        return torch.zeros(shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    return torch.randn(shape, dtype=torch.float64).mul(2).to(dtype)
+
+
+def _qkv(b, h, sq, skv, d, dtype, layout):
+    """q, k, v as [B, H, S, D]; ``"bsnd"`` gives diffusers' transposed views of [B, S, H, D] memory."""
+    if layout == "bnsd":
+        return tuple(randn(b, h, s, d, dtype=dtype) for s in (sq, skv, skv))
+    return tuple(leaf(torch.randn(b, s, h, d, dtype=torch.float64).to(dtype)).transpose(1, 2) for s in (sq, skv, skv))
+
+
+def _expected_kernel_masks(kind, mask, full, scale):
+    """What torch_npu must receive: (atten_mask True = masked out, pse = additive / scale)."""
+    if mask is None:
+        return None, None
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dtype == torch.bool:
+        return ~m.expand(full), None
+    if kind == "zero_neginf":
+        return torch.isneginf(m).expand(full), None
+    return None, (m.double() / scale).expand(full)
+
+
+# Both layouts, both dtypes, every mask kind and shape, without the full cross product.
+DTYPE_LAYOUTS = [(torch.float32, "bnsd"), (torch.bfloat16, "bsnd")]
+
+
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS + [(torch.float32, "bsnd")])
+@pytest.mark.parametrize("op", ["flash_attention", "cross_attention"])
+def test_attention_adapter_both_ops(env, op, dtype, layout):
+    test_attention_adapter(env, 1, 2, 3, 77, 16, "bool_b1ss", dtype, layout, op=op)
+
+
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("b,h,sq,skv,d", ATTENTION_CASES)
+def test_attention_adapter(env, b, h, sq, skv, d, kind, dtype, layout, op="flash_attention"):
+    q, k, v = _qkv(b, h, sq, skv, d, dtype, layout)
+    mask = _make_mask(kind, b, h, sq, skv, dtype)
+    scale = 0.37
+    fn = getattr(env.npu, op)
+    reference.check_against_reference(
+        lambda q, k, v: fn(q, k, v, mask, scale),
+        lambda q, k, v: reference.attention(q, k, v, mask if mask is None or mask.dtype == torch.bool else mask.double(), scale),
+        [q, k, v],
+        dtype,
+        f"npu {op} {kind}",
+    )
+
+    call = only_call(env, "npu_fusion_attention")
+    kw = call["kwargs"]
+    full = (b, h, sq, skv)
+    expected_layout = "BSND" if layout == "bsnd" and not q.is_contiguous() else "BNSD"
+    assert kw["input_layout"] == expected_layout
+    assert kw["head_num"] == h and kw["scale"] == scale and kw["keep_prob"] == 1.0
+    assert (kw["sparse_mode"], kw["padding_mask"]) == (0, None)
+    assert call["shapes"]["query"] == ((b, sq, h, d) if expected_layout == "BSND" else (b, h, sq, d))
+
+    want_atten, want_pse = _expected_kernel_masks(kind, mask, full, scale)
+    if want_atten is None:
+        assert kw["atten_mask"] is None
+    else:  # SDPA's "True = attend" must arrive inverted: torch_npu's True = masked out
+        got = kw["atten_mask"]
+        assert got.dtype == torch.bool and got.is_contiguous()
+        assert got.shape in {full, (b, 1, sq, skv), (1, 1, sq, skv), (sq, skv)}
+        assert torch.equal(got.expand(full), want_atten)
+    if want_pse is None:
+        assert kw["pse"] is None
+    else:  # torch_npu adds pse before scaling: pse = mask / scale, in the query dtype, BNSS or 1NSS
+        got = kw["pse"]
+        assert got.dtype == dtype and got.shape in {full, (1, h, sq, skv)}
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.expand(full).double(), want_pse, rtol=tol, atol=tol)
+
+    grad = only_call(env, "npu_fusion_attention_grad")["kwargs"]  # torch_npu's registered backward ran
+    assert grad["scale_value"] == scale and grad["input_layout"] == expected_layout and grad["head_num"] == h
+    assert grad["softmax_max"] is not None and grad["softmax_sum"] is not None and grad["attention_in"] is not None
+
+
+def test_bool_mask_polarity_reaches_torch_npu_inverted(env):
+    q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 4, 8)
+    v = torch.arange(4.0).reshape(1, 1, 4, 1).expand(1, 1, 4, 8).contiguous()
+    keep = torch.tensor([False, False, True, False])  # attend to key 2 only
+    out = env.npu.flash_attention(q, k, v, keep, 0.5)
+    torch.testing.assert_close(out, torch.full((1, 1, 3, 8), 2.0))
+    sent = only_call(env, "npu_fusion_attention")["kwargs"]["atten_mask"]
+    assert sent.shape == (1, 1, 3, 4)
+    assert torch.equal(sent[0, 0, 0], torch.tensor([True, True, False, True]))
+
+
+def test_bsnd_views_are_read_in_place(env):
+    base = [torch.randn(2, s, 3, 8) for s in (5, 77, 77)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    out = env.npu.cross_attention(q, k, v, None, 0.3)
+    sent = only_call(env, "npu_fusion_attention")["kwargs"]
+    assert sent["input_layout"] == "BSND"
+    for name, t in zip(("query", "key", "value"), base):
+        assert sent[name].data_ptr() == t.data_ptr(), f"{name} was copied"
+    assert out.shape == (2, 3, 5, 8) and out.transpose(1, 2).is_contiguous()  # [B,S,H,D] memory, as diffusers wants
+
+
+def test_mixed_layouts_are_made_consistent(env):
+    q = leaf(torch.randn(2, 5, 3, 8)).transpose(1, 2)  # BSND memory
+    k, v = randn(2, 3, 7, 8, dtype=torch.float32), randn(2, 3, 7, 8, dtype=torch.float32)  # BNSD memory
+    reference.check_against_reference(
+        lambda q, k, v: env.npu.flash_attention(q, k, v, None, 0.3),
+        lambda q, k, v: reference.attention(q, k, v, None, 0.3),
+        [q, k, v], torch.float32, "mixed layouts",
+    )
+    assert only_call(env, "npu_fusion_attention")["kwargs"]["input_layout"] == "BSND"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_additive_mask_that_requires_grad_gets_its_gradient_through_pse(env, dtype):
+    q, k, v = (randn(2, 2, s, 8, dtype=dtype) for s in (4, 6, 6))
+    mask = randn(2, 1, 4, 6, dtype=dtype)
+    reference.check_against_reference(
+        lambda q, k, v, m: env.npu.flash_attention(q, k, v, m, 0.35),
+        lambda q, k, v, m: reference.attention(q, k, v, m, 0.35),
+        [q, k, v, mask], dtype, "mask grad",
+    )
+    assert only_call(env, "npu_fusion_attention")["kwargs"]["pse"] is not None
+
+
+def test_all_zero_float_mask_becomes_an_empty_boolean_mask(env):
+    q = torch.randn(1, 2, 3, 8)
+    env.npu.flash_attention(q, q, q, torch.zeros(1, 1, 3, 3), 0.3)
+    kw = only_call(env, "npu_fusion_attention")["kwargs"]
+    assert kw["pse"] is None and not kw["atten_mask"].any()
+
+
+def test_large_additive_values_survive_the_division_by_scale_in_half_precision(env):
+    # diffusers' padding masks use -10000; -10000 / 0.125 overflows float16, so pse is clamped.
+    q, k, v = (torch.randn(1, 1, s, 8, dtype=torch.float16) for s in (2, 4, 4))
+    mask = torch.tensor([0.0, -10000.0, 0.0, -10000.0], dtype=torch.float16)
+    out = env.npu.flash_attention(q, k, v, mask, 0.125)
+    assert torch.isfinite(only_call(env, "npu_fusion_attention")["kwargs"]["pse"]).all()
+    expected = reference.attention(q.double(), k.double(), v.double(), mask.double(), 0.125)
+    reference.assert_close(out, expected, torch.float16, "fp16 -10000 mask")
+
+
+# ---------------------------------------------------------------------------- not_supported_reasons
+def _attention_inputs(dtype=torch.bfloat16, d=64, mask=None):
+    q = torch.randn(1, 2, 8, d, dtype=dtype)
+    return q, torch.randn(1, 2, 77, d, dtype=dtype), torch.randn(1, 2, 77, d, dtype=dtype), mask
+
+
+@pytest.mark.parametrize(
+    "op,inputs",
+    [
+        ("geglu", (torch.randn(2, 8, dtype=torch.bfloat16),)),
+        ("group_norm_silu", (torch.randn(1, 32, 4, 4), torch.randn(32), None)),
+        ("flash_attention", _attention_inputs()),
+        ("cross_attention", _attention_inputs(torch.float16, mask=torch.ones(77, dtype=torch.bool))),
+        ("flash_attention", _attention_inputs(torch.float32)),  # the emulated release takes float32
+    ],
+)
+def test_supported_inputs_have_no_reasons(env, op, inputs):
+    assert env.npu.not_supported_reasons(op, *inputs) == []
+
+
+@pytest.mark.parametrize(
+    "op,inputs,needle",
+    [
+        ("geglu", (torch.randn(2, 8, dtype=torch.float64),), "float64"),
+        ("geglu", (torch.randn(2, 7),), "even last dimension"),
+        ("group_norm_silu", (torch.randn(1, 4, 2, dtype=torch.float64), None, None), "float64"),
+        ("group_norm_silu", (torch.randn(8), None, None), "2..8-D"),
+        ("group_norm_silu", (torch.randn(1, 2, 1, 1, 1, 1, 1, 1, 1), None, None), "2..8-D"),
+        ("group_norm_silu", (torch.randn(0, 4, 3), None, None), "every dimension > 0"),
+        ("flash_attention", _attention_inputs(torch.float64), "float64"),
+        ("flash_attention", _attention_inputs(d=600), "head dim 600"),
+        ("cross_attention", _attention_inputs(mask=torch.ones(77, dtype=torch.int64)), "only bool or additive"),
+        ("flash_attention", (torch.randn(2, 8, 64),) * 3 + (None,), "4-D"),
+        ("layer_norm", (torch.randn(2, 2),), "no op"),
+    ],
+)
+def test_unsupported_inputs_say_why(env, op, inputs, needle):
+    reasons = env.npu.not_supported_reasons(op, *inputs)
+    assert any(needle in r for r in reasons), reasons
+
+
+def test_float32_attention_on_a_release_without_it_falls_back_with_a_reason(env, monkeypatch):
+    monkeypatch.setattr(env.torch_npu, "SUPPORTS_FP32_ATTENTION", False)
+    env.npu.reset_capability_cache()
+    reasons = env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32))
+    assert len(reasons) == 1 and "float32 attention is not supported" in reasons[0], reasons
+    assert env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.bfloat16)) == []
+    probes = len(env.torch_npu.calls("npu_fusion_attention"))
+    env.npu.not_supported_reasons("cross_attention", *_attention_inputs(torch.float32))
+    assert len(env.torch_npu.calls("npu_fusion_attention")) == probes, "the probe result is cached"
+    monkeypatch.setenv(env.npu.FP32_ATTENTION_ENV, "1")
+    assert env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32)) == []
+
+
+def test_float32_attention_can_be_switched_off(env, monkeypatch):
+    monkeypatch.setenv(env.npu.FP32_ATTENTION_ENV, "0")
+    reasons = env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32))
+    assert any(env.npu.FP32_ATTENTION_ENV in r for r in reasons), reasons
+
+
+def test_meta_tensors_are_not_probed(env):
+    env.npu.reset_capability_cache()
+    meta = tuple(t.to("meta") for t in _attention_inputs(torch.float32)[:3]) + (None,)
+    assert env.npu.not_supported_reasons("flash_attention", *meta) == []
+    assert env.torch_npu.CALLS == []
+
+
+# ------------------------------------------------------------------------ through the public API
+def test_public_ops_use_torch_npu_when_forced(env):
+    x = randn(3, 5, 12, dtype=torch.bfloat16)
+    with npu_kernels.use_backend("npu"):
+        reference.check_against_reference(
+            lambda t: npu_kernels.geglu(t, "tanh"), lambda t: reference.geglu(t, "tanh"), [x], torch.bfloat16, "api geglu"
+        )
+    assert only_call(env, "npu_geglu")["kwargs"]["approximate"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["flash_attention", "cross_attention"])
+def test_public_attention_through_npu(env, op, dtype):
+    q, k, v = _qkv(2, 3, 9, 77, 16, dtype, "bsnd")  # diffusers' layout
+    keep = torch.rand(2, 1, 1, 77) > 0.3
+    keep[..., 0] = True
+    fn = getattr(npu_kernels, op)
+    with npu_kernels.use_backend("npu"):
+        reference.check_against_reference(
+            lambda q, k, v: fn(q, k, v, attn_mask=keep),
+            lambda q, k, v: reference.attention(q, k, v, keep),
+            [q, k, v], dtype, f"api {op}",
+        )
+    kw = only_call(env, "npu_fusion_attention")["kwargs"]
+    assert kw["input_layout"] == "BSND" and kw["head_num"] == 3 and kw["scale"] == pytest.approx(16 ** -0.5)
+    assert torch.equal(kw["atten_mask"], ~keep.expand(2, 1, 9, 77))
+    assert len(env.torch_npu.calls("npu_fusion_attention_grad")) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_public_group_norm_silu_through_npu(env, affine, dtype):
+    x = leaf(randn(1, 9, 5, 3, dtype=dtype, scale=2.0).detach() + 0.5)
+    params = [randn(9, dtype=dtype), randn(9, dtype=dtype)] if affine else []
+    with npu_kernels.use_backend("npu"):
+        reference.check_against_reference(
+            lambda x, *p: npu_kernels.group_norm_silu(x, 3, *p),
+            lambda x, *p: reference.group_norm_silu(x, 3, *p),
+            [x, *params], dtype, "api group_norm_silu",
+        )
+    only_call(env, "npu_group_norm_silu")  # one forward; the backward did not call torch_npu again
+
+
+def test_public_group_norm_silu_backward_uses_the_saved_npu_statistics(env, monkeypatch):
+    """Perturb the mean/rstd the stand-in returns (its output stays right): the gradient must be
+    the one computed from the perturbed statistics, i.e. the backward used what the NPU forward
+    returned and did not recompute the statistics."""
+    real_op = env.torch_npu.npu_group_norm_silu
+    sent = {}
+
+    def perturbed(*args, **kwargs):
+        out, mean, rstd = real_op(*args, **kwargs)
+        sent["mean"], sent["rstd"] = mean + 0.25, rstd * 1.5
+        return out, sent["mean"], sent["rstd"]
+
+    monkeypatch.setattr(env.torch_npu, "npu_group_norm_silu", perturbed)
+    x = leaf(torch.randn(2, 6, 4, 3) + 0.5)
+    weight, bias = randn(6, dtype=torch.float32), randn(6, dtype=torch.float32)
+    grad_out = torch.randn(2, 6, 4, 3)
+    with npu_kernels.use_backend("npu"):
+        out = npu_kernels.group_norm_silu(x, 3, weight, bias)
+        grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    assert len(env.torch_npu.calls("npu_group_norm_silu")) == 1
+    expected = torch_backend.group_norm_silu_backward(
+        grad_out, x.detach(), weight.detach(), bias.detach(), sent["mean"], sent["rstd"], 3
+    )
+    true_grads = torch_backend.group_norm_silu_backward(
+        grad_out, x.detach(), weight.detach(), bias.detach(), *torch_backend.group_norm_silu_forward(x.detach(), 3, weight, bias, 1e-5)[1:], 3
+    )
+    for got, want, true in zip(grads, expected, true_grads):
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, true), "the perturbation should have changed the gradient"
+
+
+def test_forced_npu_backend_refuses_float64_with_the_reason(env):
+    with npu_kernels.use_backend("npu"):
+        with pytest.raises(npu_kernels.BackendUnavailableError, match="float64"):
+            npu_kernels.geglu(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_tiny_sdxl_unet_on_the_npu_backend_matches_stock_diffusers(env):
+    """npu_kernels.optimize on a tiny SDXL UNet, every op forced onto the (stand-in) torch_npu:
+    output and parameter gradients match stock diffusers, and all four torch_npu ops ran."""
+    from tests.tiny_unet import tiny_sdxl_inputs, tiny_sdxl_unet
+
+    def run(unet):
+        unet.zero_grad(set_to_none=True)
+        out = unet(**tiny_sdxl_inputs(batch=1, size=8, text_len=7)).sample
+        (out.float() ** 2).mean().backward()
+        return out.detach(), {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    stock_out, stock_grads = run(tiny_sdxl_unet())
+    unet = tiny_sdxl_unet()
+    npu_kernels.optimize(unet)
+    with npu_kernels.use_backend("npu"):
+        out, grads = run(unet)
+    torch.testing.assert_close(out, stock_out, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == stock_grads.keys()
+    for name, grad in grads.items():
+        scale = max(stock_grads[name].abs().max().item(), 1e-3)
+        assert (grad - stock_grads[name]).abs().max().item() <= 1e-3 * scale, name
+    for op in ("npu_geglu", "npu_geglu_grad", "npu_group_norm_silu", "npu_fusion_attention", "npu_fusion_attention_grad"):
+        assert env.torch_npu.calls(op), f"{op} never ran"

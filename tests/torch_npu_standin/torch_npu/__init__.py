@@ -1,0 +1,412 @@
+"""A stand-in ``torch_npu`` for tests on machines without an Ascend NPU (and without CANN).
+
+It is NOT torch_npu: it implements, in plain PyTorch on any device, the four fused ops that
+``npu_kernels.npu`` calls, with the signatures, return tuples, argument conventions and input
+checks that Ascend documents for them, so that the adapters can be checked for *how* they call
+torch_npu (layout, head_num, scale, keep_prob, mask polarity, GELU index, ...). Its maths is the
+reference maths; nothing here says anything about the speed or numerics of the real kernels.
+
+Every op records its call in :data:`CALLS` (positional arguments mapped to their documented
+names), so tests can assert what reached "torch_npu".
+
+Documentation followed (retrieved as stored copies; Chinese pages of the Ascend docs):
+
+* ``torch_npu.npu_fusion_attention`` (signature, 7-tuple return, ``atten_mask`` 1/True = masked
+  out, shapes BNSS/B1SS/11SS/SS, ``pse`` shapes BNSS/BN1Skv/1NSS, layouts BSH/SBH/BSND/BNSD/TND,
+  dtypes fp16/bf16/fp32, D 1..768, N 1..256, Dq = Dk >= Dv):
+  https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_fusion_attention.md
+  https://www.hiascend.com/document/detail/zh/Pytorch/60RC3/apiref/apilist/ptaoplist_000445.html
+  (float32 listed) and, for the older fp16/bf16-only revision,
+  https://www.hiascend.com/document/detail/zh/canncommercial/700/modeldevpt/ptmigr/ptaoplist_000139.html
+* Formula ``out = Dropout(Softmax(Mask(scale * (pse + q kᵀ), atten_mask)), keep_prob) v`` (pse is
+  added *before* the scale):
+  https://gitcode.com/cann/ops-transformer/tree/master/attention/flash_attention_score
+  (aclnnFlashAttentionScore.md)
+* ``torch_npu.npu_fusion_attention_grad`` schema (returns dq, dk, dv, dpse; takes ``scale_value``)
+  and the autograd torch_npu registers for ``npu_fusion_attention`` (q, k, v and pse differentiable,
+  grad fed softmax_max/softmax_sum/softmax_in = results 1..3 and attention_in = result 0):
+  https://gitcode.com/Ascend/op-plugin/blob/master/op_plugin/config/derivatives.yaml
+  https://gitcode.com/Ascend/op-plugin/blob/master/op_plugin/config/op_plugin_functions.yaml
+  Softmax statistics are float32 ``[B, N, Sq, 8]`` (the last dim repeats the value 8 times;
+  ``SOFTMAXMAX_LAST_DIMSHAPE = 8`` in the op-plugin adapter).
+* ``torch_npu.npu_geglu(self, dim=-1, approximate=1, activate_left=False) -> (out, out_gelu)``,
+  ``out = A * gelu(B)`` with A the first and B the second half along ``dim``; approximate 0 = erf
+  ("none"), 1 = tanh; only ``out`` is differentiable, its backward is
+  ``npu_geglu_grad(grad, self, out_gelu, dim, approximate, activate_left)``:
+  https://www.hiascend.com/document/detail/zh/canncommercial/700/modeldevpt/ptmigr/ptaoplist_000697.html
+  https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/81RC1alpha002/apiref/aolapi/context/aclnnGeGluV3.md
+* ``torch_npu.npu_group_norm_silu(input, weight, bias, group, eps=1e-5) -> (out, mean, rstd)``,
+  mean/rstd ``(N, group)`` in the input's dtype; weight/bias same dtype, not less precise than the
+  input; input 2..8-D; no backward is registered for it:
+  https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_group_norm_silu.md
+  https://hiascend.com/document/detail/zh/Pytorch/60RC3/apiref/apilist/ptaoplist_000786.html
+  The 6.0.RC3 schema has ``Tensor weight, Tensor bias`` (required); newer ones make them optional.
+  This stand-in insists on them, the stricter reading.
+
+Things the stand-in does not emulate raise ``NotImplementedError`` (dropout ``keep_prob < 1``,
+sparse modes other than 0, the TND/varlen layout, prefix), so an adapter that starts relying on
+them fails loudly here instead of passing by accident.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__version__ = "0.0.0+standin"
+IS_STANDIN = True
+
+#: Every call of a stand-in op, oldest first: ``{"name", "kwargs", "shapes", "dtypes"}``.
+#: ``kwargs`` holds every documented parameter by name (positional arguments mapped to their
+#: names, defaults filled in); tensors are stored detached (same storage as what was passed).
+CALLS: list[dict[str, Any]] = []
+
+#: Emulates a torch_npu/CANN release whose ``npu_fusion_attention`` takes float32 (6.0.RC3+ docs).
+#: Set to False to emulate the older fp16/bf16-only release.
+SUPPORTS_FP32_ATTENTION = True
+
+_INT_MAX = 2147483647
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
+_SOFTMAX_STAT_LANES = 8
+_MASKED = torch.finfo(torch.float32).min  # the kernel "selects" masked logits to a huge negative
+
+
+# ------------------------------------------------------------------------------------ recording
+def reset() -> None:
+    """Forget every recorded call."""
+    CALLS.clear()
+
+
+def calls(name: str) -> list[dict[str, Any]]:
+    """The recorded calls of one op."""
+    return [c for c in CALLS if c["name"] == name]
+
+
+def _recorded(fn):
+    """Record each call of ``fn`` (bound to its own signature, so the record survives patching)."""
+    signature, name = inspect.signature(fn), fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        stored = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in bound.arguments.items()}
+        CALLS.append(
+            {
+                "name": name,
+                "kwargs": stored,
+                "shapes": {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)},
+                "dtypes": {k: v.dtype for k, v in stored.items() if isinstance(v, torch.Tensor)},
+            }
+        )
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _fail(op: str, message: str):
+    raise RuntimeError(f"[torch_npu stand-in] {op}: {message}")
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, allowed=_FUSED_DTYPES) -> None:
+    if t.dtype not in allowed:
+        _fail(op, f"{name} dtype {t.dtype} is not supported (supported: {', '.join(map(str, allowed))})")
+
+
+# -------------------------------------------------------------------------- npu_fusion_attention
+def _to_bnsd(t: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
+    if layout == "BNSD":
+        return t
+    if layout == "BSND":
+        return t.transpose(1, 2)
+    if layout == "BSH":
+        return t.unflatten(2, (heads, -1)).transpose(1, 2)
+    if layout == "SBH":
+        return t.unflatten(2, (heads, -1)).permute(1, 2, 0, 3)
+    raise NotImplementedError(f"[torch_npu stand-in] layout {layout} is not emulated")
+
+
+def _from_bnsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "BNSD":
+        return t
+    if layout == "BSND":
+        return t.transpose(1, 2)
+    if layout == "BSH":
+        return t.transpose(1, 2).flatten(2)
+    if layout == "SBH":
+        return t.permute(2, 0, 1, 3).flatten(2)
+    raise NotImplementedError(f"[torch_npu stand-in] layout {layout} is not emulated")
+
+
+def _heads_of(t: torch.Tensor, layout: str, head_dim: int, head_num: int) -> int:
+    if layout == "BNSD":
+        return t.shape[1]
+    if layout == "BSND":
+        return t.shape[2]
+    return t.shape[-1] // head_dim if head_dim else head_num
+
+
+def _attention_inputs(op, query, key, value, head_num, input_layout, pse, atten_mask, keep_prob, sparse_mode,
+                      pre_tockens, next_tockens, prefix, actual_seq_qlen, actual_seq_kvlen, padding_mask):
+    """Check the documented constraints; return q, k, v as [B, N, S, D] views and (B, N, Sq, Skv)."""
+    if input_layout not in _LAYOUTS:
+        _fail(op, f"input_layout {input_layout!r} is not one of {_LAYOUTS}")
+    if input_layout == "TND" or actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise NotImplementedError("[torch_npu stand-in] the TND/varlen form is not emulated")
+    if padding_mask is not None:
+        _fail(op, "padding_mask is not supported (documented as not yet supported)")
+    if not 0.0 < keep_prob <= 1.0:
+        _fail(op, f"keep_prob must be in (0, 1], got {keep_prob}")
+    if keep_prob != 1.0:
+        raise NotImplementedError("[torch_npu stand-in] dropout (keep_prob < 1) is not emulated")
+    if sparse_mode != 0 or prefix is not None or pre_tockens != _INT_MAX or next_tockens != _INT_MAX:
+        raise NotImplementedError("[torch_npu stand-in] only sparse_mode=0 with default tockens is emulated")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_dtype(op, name, t)
+        if t.dtype == torch.float32 and not SUPPORTS_FP32_ATTENTION:
+            _fail(op, f"{name} dtype torch.float32 is not supported by this (emulated) release")
+        expected_dim = 4 if input_layout in ("BNSD", "BSND") else 3
+        if t.dim() != expected_dim:
+            _fail(op, f"{name} must be {expected_dim}-D for layout {input_layout}, got shape {tuple(t.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        _fail(op, "query, key and value must have the same dtype")
+    if key.shape != value.shape:
+        _fail(op, f"key and value shapes must match, got {tuple(key.shape)} and {tuple(value.shape)}")
+    head_dim = query.shape[-1] if input_layout in ("BNSD", "BSND") else query.shape[-1] // head_num
+    if input_layout in ("BSH", "SBH") and query.shape[-1] % head_num:
+        _fail(op, f"H={query.shape[-1]} is not a multiple of head_num={head_num}")
+    heads_q = _heads_of(query, input_layout, head_dim, head_num)
+    if heads_q != head_num:
+        _fail(op, f"head_num={head_num} but query has {heads_q} heads in layout {input_layout}")
+    heads_kv = _heads_of(key, input_layout, head_dim, head_num)
+    q = _to_bnsd(query, input_layout, heads_q)
+    k = _to_bnsd(key, input_layout, heads_kv)
+    v = _to_bnsd(value, input_layout, heads_kv)
+    batch, _, seq_q, d_q = q.shape
+    seq_kv, d_k, d_v = k.shape[2], k.shape[3], v.shape[3]
+    if k.shape[0] != batch:
+        _fail(op, "batch sizes of query and key/value differ")
+    if d_q != d_k or d_k < d_v or not 1 <= d_q <= 768:
+        _fail(op, f"head dims must satisfy Dq == Dk >= Dv and 1 <= D <= 768, got {d_q}, {d_k}, {d_v}")
+    if not 1 <= head_num <= 256 or heads_kv == 0 or head_num % heads_kv:
+        _fail(op, f"Nq={head_num} must be in 1..256 and a multiple of Nkv={heads_kv}")
+    full = (batch, head_num, seq_q, seq_kv)
+    if atten_mask is not None:
+        _check_dtype(op, "atten_mask", atten_mask, (torch.bool, torch.uint8))
+        allowed = {full, (batch, 1, seq_q, seq_kv), (1, 1, seq_q, seq_kv), (seq_q, seq_kv)}
+        if tuple(atten_mask.shape) not in allowed:
+            _fail(op, f"atten_mask shape {tuple(atten_mask.shape)} is not BNSS/B1SS/11SS/SS for {full}")
+    if pse is not None:
+        if pse.dtype != query.dtype:
+            _fail(op, f"pse dtype {pse.dtype} must equal the query dtype {query.dtype}")
+        allowed = {full, (batch, head_num, 1, seq_kv), (1, head_num, seq_q, seq_kv)}
+        if tuple(pse.shape) not in allowed:
+            _fail(op, f"pse shape {tuple(pse.shape)} is not BNSS/BN1Skv/1NSS for {full}")
+    return q, k, v, full
+
+
+def _scores(q, k, pse, atten_mask, scale):
+    """Masked logits ``scale * (pse + q kᵀ)`` in float32, k already repeated to the query heads."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if pse is not None:
+        s = s + pse.float()
+    s = s * scale
+    if atten_mask is not None:
+        s = s.masked_fill(atten_mask.bool(), _MASKED)
+    return s
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+class _FusionAttention(torch.autograd.Function):
+    """Forward in reference maths; backward = the stand-in ``npu_fusion_attention_grad``, fed the
+    forward's results exactly as torch_npu's derivatives.yaml entry does."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, pse, atten_mask, attrs):
+        q, k, v, _ = attrs["bnsd"](query, key, value)
+        heads = q.shape[1]
+        s = _scores(q, _repeat_kv(k, heads), pse, atten_mask, attrs["scale"])
+        smax = s.amax(dim=-1, keepdim=True)
+        e = torch.exp(s - smax)
+        ssum = e.sum(dim=-1, keepdim=True)
+        out = torch.matmul(e / ssum, _repeat_kv(v, heads).float()).to(query.dtype)
+        out = _from_bnsd(out, attrs["input_layout"]).contiguous()
+        lanes = smax.shape[:-1] + (_SOFTMAX_STAT_LANES,)
+        softmax_max, softmax_sum = smax.expand(lanes).contiguous(), ssum.expand(lanes).contiguous()
+        softmax_out = query.new_empty(0)  # "reserved, not used"
+        ctx.attrs = attrs
+        ctx.has_pse = pse is not None
+        ctx.save_for_backward(query, key, value, pse, atten_mask, softmax_max, softmax_sum, softmax_out, out)
+        ctx.mark_non_differentiable(softmax_max, softmax_sum, softmax_out)
+        return out, softmax_max, softmax_sum, softmax_out
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        query, key, value, pse, atten_mask, softmax_max, softmax_sum, softmax_out, out = ctx.saved_tensors
+        a = ctx.attrs
+        dq, dk, dv, dpse = npu_fusion_attention_grad(
+            query, key, value, grad_out, a["head_num"], a["input_layout"],
+            pse=pse, padding_mask=None, atten_mask=atten_mask,
+            softmax_max=softmax_max, softmax_sum=softmax_sum, softmax_in=softmax_out, attention_in=out,
+            scale_value=a["scale"], keep_prob=a["keep_prob"], pre_tockens=a["pre_tockens"],
+            next_tockens=a["next_tockens"], inner_precise=a["inner_precise"], seed=0, offset=0, numels=0,
+            prefix=a["prefix"], actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=a["sparse_mode"],
+            gen_mask_parallel=a["gen_mask_parallel"], sync=a["sync"],
+        )
+        return dq, dk, dv, (dpse if ctx.has_pse else None), None, None
+
+
+@_recorded
+def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
+                         scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647,
+                         inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
+                         gen_mask_parallel=True, sync=False):
+    """``-> (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)``."""
+    checked = dict(head_num=head_num, input_layout=input_layout, pse=pse, atten_mask=atten_mask,
+                   keep_prob=keep_prob, sparse_mode=sparse_mode, pre_tockens=pre_tockens, next_tockens=next_tockens,
+                   prefix=prefix, actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                   padding_mask=padding_mask)
+    _attention_inputs("npu_fusion_attention", query, key, value, **checked)
+    attrs = dict(
+        head_num=head_num, input_layout=input_layout, scale=float(scale), keep_prob=keep_prob,
+        pre_tockens=pre_tockens, next_tockens=next_tockens, inner_precise=inner_precise, prefix=prefix,
+        sparse_mode=sparse_mode, gen_mask_parallel=gen_mask_parallel, sync=sync,
+        bnsd=lambda q, k, v: _attention_inputs("npu_fusion_attention", q, k, v, **checked),
+    )
+    out, softmax_max, softmax_sum, softmax_out = _FusionAttention.apply(query, key, value, pse, atten_mask, attrs)
+    return out, softmax_max, softmax_sum, softmax_out, 0, 0, 0
+
+
+@_recorded
+def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None,
+                              atten_mask=None, softmax_max=None, softmax_sum=None, softmax_in=None,
+                              attention_in=None, scale_value=1.0, keep_prob=1.0, pre_tockens=2147483647,
+                              next_tockens=2147483647, inner_precise=0, seed=0, offset=0, numels=0, prefix=None,
+                              actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
+                              sync=False):
+    """``-> (dq, dk, dv, dpse)``: FlashAttention's backward from the saved softmax statistics."""
+    op = "npu_fusion_attention_grad"
+    if softmax_max is None or softmax_sum is None or attention_in is None:
+        _fail(op, "softmax_max, softmax_sum and attention_in (the forward's results) are required")
+    q, k, v, full = _attention_inputs(op, query, key, value, head_num, input_layout, pse, atten_mask, keep_prob,
+                                      sparse_mode, pre_tockens, next_tockens, prefix, actual_seq_qlen,
+                                      actual_seq_kvlen, padding_mask)
+    heads = q.shape[1]
+    group = heads // k.shape[1]
+    kr, vr = _repeat_kv(k, heads).float(), _repeat_kv(v, heads).float()
+    s = _scores(q, kr, pse, atten_mask, scale_value)
+    p = torch.exp(s - softmax_max[..., :1]) / softmax_sum[..., :1]  # the saved statistics, not recomputed
+    g = _to_bnsd(dy, input_layout, heads).float()
+    o = _to_bnsd(attention_in, input_layout, heads).float()
+    dv = torch.matmul(p.transpose(-1, -2), g)
+    dp = torch.matmul(g, vr.transpose(-1, -2))
+    ds = p * (dp - (g * o).sum(dim=-1, keepdim=True))  # gradient of the scaled, masked logits
+    dq = torch.matmul(ds, kr) * scale_value
+    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale_value
+    if group > 1:
+        dk = dk.unflatten(1, (-1, group)).sum(2)
+        dv = dv.unflatten(1, (-1, group)).sum(2)
+    dpse = query.new_empty(0)
+    if pse is not None:
+        dpse = ds * scale_value  # d(scale * (pse + qkᵀ)) / d pse
+        reduce = tuple(i for i in range(4) if pse.shape[i] == 1 and full[i] != 1)
+        dpse = (dpse.sum(dim=reduce, keepdim=True) if reduce else dpse).to(pse.dtype)
+    back = [_from_bnsd(t, input_layout).to(ref.dtype).contiguous() for t, ref in ((dq, query), (dk, key), (dv, value))]
+    return back[0], back[1], back[2], dpse
+
+
+# ------------------------------------------------------------------------------------- npu_geglu
+def _gelu_halves(x: torch.Tensor, dim: int, activate_left: bool):
+    left, right = x.float().chunk(2, dim=dim)
+    return (left, right) if activate_left else (right, left)  # (activated half, linear half)
+
+
+class _Geglu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, approximate, activate_left):
+        gated, linear = _gelu_halves(x, dim, activate_left)
+        gelu = F.gelu(gated, approximate="tanh" if approximate == 1 else "none")
+        out, out_gelu = (linear * gelu).to(x.dtype), gelu.to(x.dtype)
+        ctx.save_for_backward(x, out_gelu)
+        ctx.args = (dim, approximate, activate_left)
+        ctx.mark_non_differentiable(out_gelu)  # output_differentiability: [true, false]
+        return out, out_gelu
+
+    @staticmethod
+    def backward(ctx, grad, _grad_gelu):
+        x, out_gelu = ctx.saved_tensors
+        return npu_geglu_grad(grad, x, out_gelu, *ctx.args), None, None, None
+
+
+@_recorded
+def npu_geglu(self, dim=-1, approximate=1, activate_left=False):
+    """``-> (out, out_gelu)``; ``out = A * gelu(B)`` (A first half, B second half along ``dim``)."""
+    _check_dtype("npu_geglu", "self", self)
+    ndim = max(self.dim(), 1)
+    if not -ndim <= dim < ndim:
+        _fail("npu_geglu", f"dim {dim} out of range for a {self.dim()}-D tensor")
+    if approximate not in (0, 1):
+        _fail("npu_geglu", f"approximate must be 0 (none) or 1 (tanh), got {approximate!r}")
+    if self.shape[dim] % 2:
+        _fail("npu_geglu", f"size {self.shape[dim]} of dim {dim} must be even")
+    return _Geglu.apply(self, dim, approximate, activate_left)
+
+
+@_recorded
+def npu_geglu_grad(grad_output, self, gelu, dim=-1, approximate=1, activate_left=False):
+    """Gradient of ``npu_geglu``'s ``out`` w.r.t. ``self``, from the saved ``gelu`` output."""
+    gated, linear = _gelu_halves(self, dim, activate_left)
+    g = grad_output.float()
+    grad_linear = g * gelu.float()
+    grad_gated = torch.ops.aten.gelu_backward(g * linear, gated, approximate="tanh" if approximate == 1 else "none")
+    halves = (grad_gated, grad_linear) if activate_left else (grad_linear, grad_gated)
+    return torch.cat(halves, dim=dim).to(self.dtype)
+
+
+# --------------------------------------------------------------------------- npu_group_norm_silu
+@_recorded
+def npu_group_norm_silu(input, weight, bias, group, eps=0.00001):  # noqa: A002 (documented name)
+    """``-> (out, mean, rstd)``; mean/rstd ``(N, group)`` in ``input``'s dtype. No backward exists:
+    the outputs are computed without autograd, as with the real op."""
+    op = "npu_group_norm_silu"
+    _check_dtype(op, "input", input)
+    if not 2 <= input.dim() <= 8 or any(size <= 0 for size in input.shape):
+        _fail(op, f"input must be 2..8-D with every dimension > 0, got shape {tuple(input.shape)}")
+    if group <= 0 or input.shape[1] % group:
+        _fail(op, f"group={group} must be > 0 and divide the {input.shape[1]} channels")
+    if eps <= 0:
+        _fail(op, f"eps must be > 0, got {eps}")
+    if weight is None or bias is None:
+        _fail(op, "weight and bias are required (Tensor weight, Tensor bias in the 6.0.RC3 schema)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_dtype(op, name, t)
+        if t.dim() != 1 or t.shape[0] != input.shape[1]:
+            _fail(op, f"{name} must be 1-D with {input.shape[1]} elements, got shape {tuple(t.shape)}")
+    if weight.dtype != bias.dtype:
+        _fail(op, f"weight and bias dtypes differ: {weight.dtype}, {bias.dtype}")
+    if weight.dtype != input.dtype and weight.dtype != torch.float32:
+        _fail(op, f"weight/bias dtype {weight.dtype} is less precise than the input dtype {input.dtype}")
+    with torch.no_grad():
+        grouped = input.float().reshape(input.shape[0], group, -1)
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+        rstd = torch.rsqrt(var + eps)
+        y = ((grouped - mean[..., None]) * rstd[..., None]).reshape(input.shape)
+        affine_shape = (1, -1) + (1,) * (input.dim() - 2)
+        y = y * weight.float().reshape(affine_shape) + bias.float().reshape(affine_shape)
+        return F.silu(y).to(input.dtype), mean.to(input.dtype), rstd.to(input.dtype)
+
+
+# -------------------------------------------------------------------------- torch_npu.npu (tiny)
+npu = types.SimpleNamespace(
+    config=types.SimpleNamespace(allow_internal_format=True),
+    synchronize=lambda device=None: None,
+    is_available=lambda: False,
+)
