@@ -37,12 +37,18 @@ def main() -> None:
     forced = backends.forced_backend()
     print(f"  selection: {forced}" + ("" if forced != "auto" else f" (set {backends.ENV_VAR}=torch|triton|npu to force one)"))
     print("devices seen: " + ", ".join(_devices()))
+    seen = " ".join(_devices())
     for device_type in ("cpu", "cuda", "npu"):
+        absent = "" if device_type in seen else " (no such device here: what auto would pick on one)"
         for dtype in (torch.float32, torch.bfloat16):
-            print(f"\n{device_type} {str(dtype).replace('torch.', '')}:")
+            print(f"\n{device_type} {str(dtype).replace('torch.', '')}{absent}:")
             for op, candidates in describe(device_type, dtype).items():
                 chosen = next((name for name, reasons in candidates.items() if not reasons), "unavailable")
-                notes = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in candidates.items() if reasons)
+                notes = "; ".join(
+                    f"{name}: {'unavailable' if reasons[0].startswith('cannot load') else ', '.join(reasons)}"
+                    for name, reasons in candidates.items()
+                    if reasons
+                )
                 print(f"  {op:<16} -> {chosen:<8}" + (f"  ({notes})" if notes else ""))
 
 

@@ -4,7 +4,8 @@ Three backends implement the same kernel contract (see ``torch_backend`` for the
 
 * ``torch``  -- plain PyTorch, runs on every device and is the reference maths;
 * ``triton`` -- our Triton kernels (``npu_kernels.triton``), meant for CUDA;
-* ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.npu``), for Ascend NPUs.
+* ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.npu``), for Ascend NPUs;
+* ``sdpa``   -- PyTorch's SDPA, ``auto``'s choice for attention on CUDA (internal, not forceable).
 
 ``auto`` (the default) picks by the tensors' device, walking a priority list and taking the first
 backend that loads and has no ``not_supported_reasons`` for the inputs (the xformers dispatch idea).
@@ -32,11 +33,19 @@ _MODULES = {
     "torch": "npu_kernels.torch_backend",
     "triton": "npu_kernels.triton",
     "npu": "npu_kernels.npu",
+    "sdpa": "npu_kernels.sdpa_backend",  # internal: auto's choice for attention on CUDA, not forceable
 }
-# Priority lists for ``auto``, by device type; anything not listed gets the PyTorch path.
-_AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
-    "npu": ("npu", "torch"),
-    "cuda": ("triton", "torch"),
+# Priority lists for ``auto``, by device type and op; anything not listed gets the PyTorch path.
+# Attention on CUDA goes to PyTorch's SDPA (FlashAttention-2 / cuDNN) first: our Triton attention
+# takes over a shape class only once a GPU benchmark shows it faster there, so ``auto`` is never
+# slower than SDPA. No GPU run has shown that yet (see the README's benchmark section).
+_AUTO_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
+    "npu": {"default": ("npu", "torch")},
+    "cuda": {
+        "default": ("triton", "torch"),
+        "flash_attention": ("sdpa", "triton", "torch"),
+        "cross_attention": ("sdpa", "triton", "torch"),
+    },
 }
 
 _loaded: dict[str, ModuleType] = {}
@@ -119,9 +128,10 @@ def not_supported_reasons(name: str, op: str, tensors: Sequence[torch.Tensor | N
     return list(module.not_supported_reasons(op, *tensors))
 
 
-def auto_candidates(device_type: str) -> tuple[str, ...]:
-    """Backends ``auto`` tries for a device type, best first."""
-    return _AUTO_PRIORITY.get(device_type, ("torch",))
+def auto_candidates(device_type: str, op: str) -> tuple[str, ...]:
+    """Backends ``auto`` tries for ``op`` on a device type, best first."""
+    by_op = _AUTO_PRIORITY.get(device_type, {})
+    return by_op.get(op, by_op.get("default", ("torch",)))
 
 
 def select(op: str, *tensors: torch.Tensor | None) -> str:
@@ -134,7 +144,7 @@ def select(op: str, *tensors: torch.Tensor | None) -> str:
             )
         return _forced
     device_type = next(t for t in tensors if t is not None).device.type
-    for name in auto_candidates(device_type):
+    for name in auto_candidates(device_type, op):
         if not not_supported_reasons(name, op, tensors):
             return name
     return "torch"
@@ -152,7 +162,7 @@ def _preload() -> None:
     """Import the backends this process can use now, so that ``torch.compile`` never traces an import."""
     names = {"torch", _forced} - {"auto"}
     if torch.cuda.is_available():
-        names.add("triton")
+        names |= {"triton", "sdpa"}
     if importlib.util.find_spec("torch_npu") is not None:
         names.add("npu")
     for name in names:

@@ -31,7 +31,7 @@ def describe(device: torch.device | str, dtype: torch.dtype = torch.float32) -> 
     table: dict[str, dict[str, list[str]]] = {}
     for op in backends.OPS:
         inputs = _sample_inputs(op, device, dtype)
-        names = backends.auto_candidates(device.split(":")[0])
+        names = backends.auto_candidates(device.split(":")[0], op)
         if backends.forced_backend() != "auto":
             names = (backends.forced_backend(),)
         table[op] = {name: backends.not_supported_reasons(name, op, inputs) for name in names}

@@ -271,3 +271,26 @@ def test_group_norm_silu_large_mean_keeps_precision():
         torch.float32,
         "group_norm_silu large mean",
     )
+
+
+def test_cuda_auto_routes_attention_to_sdpa_and_the_rest_to_triton():
+    # No GPU benchmark has shown our Triton attention beating SDPA yet, so auto must not pick it.
+    assert backends.auto_candidates("cuda", "flash_attention")[0] == "sdpa"
+    assert backends.auto_candidates("cuda", "cross_attention")[0] == "sdpa"
+    assert backends.auto_candidates("cuda", "geglu")[0] == "triton"
+    assert npu_kernels.backend_report("cuda") == {
+        "geglu": "triton", "group_norm_silu": "triton", "flash_attention": "sdpa", "cross_attention": "sdpa",
+    }
+
+
+def test_sdpa_backend_matches_reference():
+    from npu_kernels import sdpa_backend
+
+    q, k, v = (randn(1, 2, s, 16, dtype=torch.float32) for s in (5, 77, 77))
+    mask = _mask("bool", 1, 5, 77, torch.float32)
+    reference.check_against_reference(
+        lambda q, k, v: sdpa_backend.cross_attention(q, k, v, mask, 0.25),
+        lambda q, k, v: reference.attention(q, k, v, mask, scale=0.25),
+        [q, k, v], torch.float32, "sdpa",
+    )
+    assert sdpa_backend.not_supported_reasons("geglu", q) == ["sdpa serves attention only, not geglu"]

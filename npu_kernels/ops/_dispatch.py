@@ -17,5 +17,9 @@ def kernel(backend: str, name: str) -> Callable:
 
 
 def direct(backend: str, op: str) -> Callable | None:
-    """A backend's autograd-complete implementation of ``op`` (used as is), if it has one."""
-    return getattr(backends.kernels(backend), op, None)
+    """A backend's autograd-complete implementation of ``op`` (used as is), if it has one.
+
+    Only functions count: a backend package may well have a submodule named after the op.
+    """
+    fn = getattr(backends.kernels(backend), op, None)
+    return fn if callable(fn) else None

@@ -18,15 +18,16 @@ Tensor = torch.Tensor
 # Columns per program (a power of two); the row count per program fills ELEMENTS_PER_PROGRAM.
 MAX_BLOCK_N = 1024
 ELEMENTS_PER_PROGRAM = 4096
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 # approximate="none" / "tanh" as a compile-time switch.
 _APPROX = {"none": 0, "tanh": 1}
 
-_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
-_TANH_COEF = 0.044715
+# Kernel constants (globals read inside @triton.jit functions must be tl.constexpr).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit
