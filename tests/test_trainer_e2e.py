@@ -1,0 +1,181 @@
+"""End to end: ``python -m trainer.sdxl_lora`` (no arguments) and its outputs; LoRA file in diffusers;
+kernels on vs off; an imagefolder run. In-process (``main(argv)``), tiny model, CPU."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.embedded_default import EMBEDDED_OVERRIDES, ensure_assets
+
+OUTPUT = EMBEDDED_OVERRIDES["output_dir"]
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run must start from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(argv: list[str]) -> tuple[dict[str, Any], str, str]:
+    """``trainer.sdxl_lora.main(argv)`` with stdout/stderr captured: (summary, stdout, stderr)."""
+    from trainer.sdxl_lora import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # the embedded run pins 1 thread; give later tests theirs back
+    _reset_accelerate()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            summary = main(argv)
+    finally:
+        _reset_accelerate()
+        torch.set_num_threads(threads)
+    return summary, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One asset cache per test session (other trainer test files compute the same path)."""
+    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"
+
+
+@pytest.fixture(scope="module")
+def cache_env(assets_cache: Path) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NPU_KERNELS_CACHE", str(assets_cache))
+        yield assets_cache
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory: pytest.TempPathFactory, cache_env: Path) -> dict[str, Any]:
+    """The embedded default exactly as ``python -m trainer.sdxl_lora`` runs it, from an empty directory."""
+    work = tmp_path_factory.mktemp("embedded_default")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        started = time.perf_counter()
+        summary, stdout, stderr = run_main([])
+        seconds = time.perf_counter() - started
+    print(f"embedded default: {seconds:.1f} s in-process (assets generated if not cached)")
+    return {"dir": work / OUTPUT, "summary": summary, "stdout": stdout, "stderr": stderr, "seconds": seconds}
+
+
+def test_embedded_default_summary(embedded_run: dict[str, Any]) -> None:
+    summary = embedded_run["summary"]
+    written = json.loads((embedded_run["dir"] / "summary.json").read_text())
+    assert written["steps"] == summary["steps"] == EMBEDDED_OVERRIDES["max_train_steps"]
+    assert written["global_batch"] == EMBEDDED_OVERRIDES["train_batch_size"]
+    assert written["warmup_steps_skipped"] == 5 and written["steps_measured"] == written["steps"] - 5
+    assert 0 < written["fps"] <= written["fps_without_data_loading"]
+    assert np.isfinite(written["final_train_loss"]) and np.isfinite(written["mean_train_loss"])
+    assert written["final_train_loss"] == written["loss_history"][-1]
+    assert len(written["peak_memory_bytes_per_device"]) == 1 and written["peak_memory_bytes_per_device"][0] > 0
+    assert written["kernels"]["enabled"] and written["kernels"]["attention_processors"] > 0
+    assert written["backends"] and all(isinstance(v, str) for v in written["backends"].values())
+    assert written["embedded_default"] is True
+    # Learning is visible: the loss of the last fifth of the run is below that of the first fifth.
+    losses = written["loss_history"]
+    fifth = len(losses) // 5
+    assert np.mean(losses[-fifth:]) < np.mean(losses[:fifth])
+
+
+def test_embedded_default_prints_progress_and_ascend_lines(embedded_run: dict[str, Any]) -> None:
+    stdout, stderr = embedded_run["stdout"], embedded_run["stderr"]
+    summary = embedded_run["summary"]
+    assert f"Final Performance images/sec : {summary['fps']:.2f}" in stdout
+    assert f"Final Train Loss : {summary['final_train_loss']:.6f}" in stdout
+    assert "Steps:" in stderr and "step_loss=" in stderr and "images_per_sec=" in stderr  # the tqdm bar
+
+
+def test_embedded_default_writes_lora_images_curve_and_tensorboard(embedded_run: dict[str, Any]) -> None:
+    from PIL import Image
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = embedded_run["dir"]
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(key.startswith("unet.") for key in lora)
+    for target in ("to_q", "to_k", "to_v", "to_out.0"):
+        assert any(f".{target}." in key for key in lora), target
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k or ".up." in k)  # B was trained
+
+    prompts = EMBEDDED_OVERRIDES["validation_prompts"]
+    for phase in ("epoch_000", "final"):
+        images = sorted((out / "validation" / phase).glob("*.png"))
+        assert len(images) == len(prompts) * EMBEDDED_OVERRIDES["num_validation_images"]
+        assert Image.open(images[0]).size == (64, 64)
+    assert len(embedded_run["summary"]["validation_images"]) == 2 * len(prompts)
+
+    curve = Image.open(out / "loss_curve.png")
+    assert curve.format == "PNG" and curve.size[0] > 300
+
+    events = EventAccumulator(str(out / "logs" / "text2image-fine-tune"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert len(events.Scalars("train_loss")) == EMBEDDED_OVERRIDES["max_train_steps"]
+    assert {"lr", "images_per_sec"} <= set(events.Tags()["scalars"])
+    assert {"validation", "test"} <= {tag.split("/")[0] for tag in events.Tags()["images"]}
+
+
+def test_second_run_reuses_the_cached_assets(embedded_run: dict[str, Any], cache_env: Path) -> None:
+    marker = next(cache_env.glob("embedded_sdxl_*/COMPLETE"))
+    before = marker.stat().st_mtime_ns
+    started = time.perf_counter()
+    ensure_assets()
+    assert time.perf_counter() - started < 0.5
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_lora_file_loads_into_diffusers_pipeline_and_changes_output(embedded_run: dict[str, Any], cache_env: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(ensure_assets().model_dir))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render() -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        out = pipeline("a red circle on a blue background", num_inference_steps=2, generator=generator, output_type="latent")
+        return out.images.float().numpy()
+
+    base = render()
+    pipeline.load_lora_weights(str(embedded_run["dir"]))
+    assert pipeline.get_list_adapters().get("unet")
+    tuned = render()
+    assert base.shape == tuned.shape
+    assert np.abs(base - tuned).max() > 1e-3
+    pipeline.unload_lora_weights()
+    np.testing.assert_allclose(render(), base, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_trainer_data import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("imagefolder") / "train", rows=12)
+
+
+def test_kernels_on_and_off_give_the_same_loss_curve(tmp_path: Path, cache_env: Path, imagefolder: Path) -> None:
+    """Same seed, same data: the fused kernels must not change what is learned (also: imagefolder end to end)."""
+    common = [
+        "--train_data_dir", str(imagefolder), "--max_train_steps", "8", "--seed", "7",
+        "--num_validation_images", "0", "--report_to", "none", "--snr_gamma", "5.0",
+    ]  # fmt: skip
+    on, _, _ = run_main(common + ["--output_dir", str(tmp_path / "on"), "--kernels", "on"])
+    off, _, _ = run_main(common + ["--output_dir", str(tmp_path / "off"), "--kernels", "off"])
+    assert on["kernels"]["enabled"] and not off["kernels"]["enabled"]
+    assert on["steps"] == off["steps"] == 8
+    np.testing.assert_allclose(on["loss_history"], off["loss_history"], rtol=2e-3, atol=1e-4)
+
+    from safetensors.torch import load_file
+
+    lora_on, lora_off = load_file(tmp_path / "on" / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "off" / "pytorch_lora_weights.safetensors")
+    assert lora_on.keys() == lora_off.keys()
+    for key in lora_on:
+        torch.testing.assert_close(lora_on[key], lora_off[key], rtol=1e-2, atol=1e-4)

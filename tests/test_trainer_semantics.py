@@ -1,0 +1,192 @@
+"""Training semantics against diffusers itself: prompt encoding, time ids, Min-SNR, dtypes, LoRA,
+gradient checkpointing, kernels with LoRA in either order. Embedded tiny pipeline, CPU."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from trainer import loop, models
+from trainer.args import parse_args
+from trainer.embedded_default import build_samples, ensure_assets
+
+
+@pytest.fixture(scope="session")
+def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with test_trainer_e2e
+
+
+@pytest.fixture(scope="module")
+def model_dir(assets_cache: Path) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NPU_KERNELS_CACHE", str(assets_cache))
+        yield str(ensure_assets().model_dir)
+
+
+def _args(model_dir: str, *extra: str) -> argparse.Namespace:
+    return parse_args(["--pretrained_model_name_or_path", model_dir, "--resolution", "64", *extra])
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir: str) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(model_dir)
+
+
+def test_encode_prompt_matches_the_sdxl_pipeline(pipeline: Any) -> None:
+    """Penultimate hidden states of both encoders concatenated; pooled embedding of the second."""
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    ids = [pipeline.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids,
+           pipeline.tokenizer_2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids]  # fmt: skip
+    embeds, pooled = loop.encode_prompt([pipeline.text_encoder, pipeline.text_encoder_2], ids)
+    expected, _, expected_pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
+    assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    torch.testing.assert_close(embeds, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+
+
+def test_time_ids_match_the_sdxl_pipeline(pipeline: Any) -> None:
+    ids = loop.compute_time_ids([(80, 64), (64, 96)], [(8, 0), (0, 16)], 64, torch.device("cpu"), torch.float32)
+    expected = pipeline._get_add_time_ids((80, 64), (8, 0), (64, 64), torch.float32, text_encoder_projection_dim=32)
+    torch.testing.assert_close(ids[:1], expected)
+    assert ids[1].tolist() == [64, 96, 0, 16, 64, 64]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting(prediction_type: str) -> None:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    timesteps = torch.tensor([10, 500, 990])
+    pred, target = torch.randn(3, 4, 8, 8, dtype=torch.bfloat16), torch.randn(3, 4, 8, 8)
+    snr = compute_snr(scheduler, timesteps)
+    weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
+    per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+    loss = loop.diffusion_loss(pred, target, timesteps, scheduler, 5.0)
+    assert loss.dtype == torch.float32  # MSE in fp32 whatever the prediction dtype
+    torch.testing.assert_close(loss, (per_sample * weight).mean())
+    torch.testing.assert_close(loop.diffusion_loss(pred, target, timesteps, scheduler, None), per_sample.mean())
+
+
+def test_mixed_precision_dtypes_and_lora_config(model_dir: str) -> None:
+    args = _args(model_dir, "--mixed_precision", "bf16", "--rank", "6")
+    components = models.load_components(args, torch.device("cpu"), "bf16")
+    assert components.unet.dtype == components.text_encoder_one.dtype == components.text_encoder_two.dtype == torch.bfloat16
+    assert components.vae.dtype == torch.float32  # the model's own VAE stays fp32
+    assert all(not p.requires_grad for m in (components.unet, components.vae, *components.text_encoders) for p in m.parameters())
+    assert components.noise_scheduler.__class__.__name__ == "DDPMScheduler"
+
+    models.add_lora(components, args.rank, train_text_encoder=False)
+    models.upcast_trainable_params([components.unet], "bf16")
+    config = components.unet.peft_config["default"]
+    assert config.r == config.lora_alpha == 6
+    assert set(config.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert config.init_lora_weights == "gaussian"
+    trainable = models.trainable_parameters([components.unet])
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(("lora_A" in n or "lora_B" in n) for n, p in components.unet.named_parameters() if p.requires_grad)
+
+    separate = _args(model_dir, "--mixed_precision", "bf16", "--vae_name", str(Path(model_dir) / "vae"))
+    assert models.load_components(separate, torch.device("cpu"), "bf16").vae.dtype == torch.bfloat16
+
+
+def _step_context(components: models.SDXLComponents) -> loop.StepContext:
+    return loop.StepContext(
+        unet=components.unet,
+        vae=components.vae,
+        text_encoders=components.text_encoders,
+        noise_scheduler=components.noise_scheduler,
+        weight_dtype=torch.float32,
+        separate_vae=False,
+        resolution=64,
+        noise_offset=0.0,
+        snr_gamma=None,
+        device=torch.device("cpu"),
+    )
+
+
+def _batch(components: models.SDXLComponents) -> dict[str, Any]:
+    from trainer.data import SDXLPreprocessor, collate_fn
+
+    samples = build_samples(2)
+    pre = SDXLPreprocessor(components.tokenizer_one, components.tokenizer_two, "image", "text", resolution=64)
+    out = pre({"image": [s[0] for s in samples], "text": [s[1] for s in samples]})
+    return collate_fn([{k: out[k][i] for k in out} for i in range(2)])
+
+
+@pytest.mark.parametrize("kernels", ["off", "on"])
+def test_gradient_checkpointing_is_actually_applied(model_dir: str, kernels: str) -> None:
+    """With --gradient_checkpointing the UNet's blocks run their forward again during backward."""
+    args = _args(model_dir, "--gradient_checkpointing")
+    components = models.load_components(args, torch.device("cpu"), "no")
+    models.add_lora(components, 4, train_text_encoder=False)
+    models.apply_kernels(components.unet, kernels == "on")
+    batch = _batch(components)
+    resnet = components.unet.up_blocks[0].resnets[0]  # after attention layers: its input requires grad
+    calls = []
+    forward = resnet.forward  # count forward runs (module hooks do not fire during recomputation)
+
+    def counting_forward(*inputs: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return forward(*inputs, **kwargs)
+
+    resnet.forward = counting_forward
+
+    def forward_backward() -> list[torch.Tensor]:
+        calls.clear()
+        torch.manual_seed(0)
+        loop.training_loss(_step_context(components), batch).backward()
+        grads = [p.grad.clone() for p in models.trainable_parameters([components.unet])]
+        components.unet.zero_grad(set_to_none=True)
+        return grads
+
+    plain = forward_backward()
+    assert len(calls) == 1
+    models.enable_gradient_checkpointing(components, train_text_encoder=False)
+    components.unet.train()
+    checkpointed = forward_backward()
+    assert len(calls) == 2  # recomputed in backward
+    assert any(g.abs().max() > 0 for g in checkpointed)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_and_lora_work_in_either_order(model_dir: str) -> None:
+    """optimize() after add_adapter and before it give the stock LoRA UNet's output."""
+    import npu_kernels
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    def unet() -> torch.nn.Module:
+        model = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        model.requires_grad_(False)
+        return model
+
+    def add_lora(model: torch.nn.Module) -> None:
+        torch.manual_seed(3)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=models.UNET_LORA_TARGETS))
+        with torch.no_grad():  # gaussian init leaves B at zero: make the LoRA path count
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+
+    stock, lora_then_kernels, kernels_then_lora = unet(), unet(), unet()
+    add_lora(stock)
+    add_lora(lora_then_kernels)
+    npu_kernels.optimize(lora_then_kernels)
+    npu_kernels.optimize(kernels_then_lora)
+    add_lora(kernels_then_lora)
+
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    context, cond = torch.randn(2, 77, 64), {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        reference = stock(x, t, context, added_cond_kwargs=cond).sample
+        for model in (lora_then_kernels, kernels_then_lora):
+            assert any(type(p).__name__ == "FusedAttnProcessor" for p in model.attn_processors.values())
+            torch.testing.assert_close(model(x, t, context, added_cond_kwargs=cond).sample, reference, rtol=1e-4, atol=1e-4)
