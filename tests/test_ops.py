@@ -294,3 +294,20 @@ def test_sdpa_backend_matches_reference():
         [q, k, v], torch.float32, "sdpa",
     )
     assert sdpa_backend.not_supported_reasons("geglu", q) == ["sdpa serves attention only, not geglu"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["flash_attention", "cross_attention"])
+def test_fp16_attention_on_large_magnitudes_does_not_overflow(op, backend):
+    # Scores reach ~1e5, beyond fp16's 65504: kernels must hold them in fp32. Such near-one-hot
+    # softmaxes are ill-conditioned in fp16 for anyone, so the bar is PyTorch's own SDPA error.
+    q, k = (leaf((torch.randn(1, 2, s, 64) * 30).half()) for s in (33, 77))
+    v = leaf(torch.randn(1, 2, 77, 64).half())
+    with npu_kernels.use_backend(backend):
+        out, grads = reference.run_with_grads(getattr(npu_kernels, op), [q, k, v])
+    sdpa_out, sdpa_grads = reference.run_with_grads(torch.nn.functional.scaled_dot_product_attention, [q, k, v])
+    ref_out, ref_grads = reference.run_with_grads(reference.attention, reference.as_float64_leaves([q, k, v]))
+    for ours, sdpa, ref in zip((out, *grads), (sdpa_out, *sdpa_grads), (ref_out, *ref_grads)):
+        assert torch.isfinite(ours).all()
+        error = (ours.double() - ref).abs().max().item()
+        assert error <= 2 * (sdpa.double() - ref).abs().max().item() + 1e-3
