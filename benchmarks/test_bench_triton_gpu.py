@@ -1,16 +1,41 @@
-"""GPU benchmarks of the Triton kernels against eager PyTorch at SDXL shapes (pytest-benchmark).
+"""GPU benchmarks of the Triton kernels against eager PyTorch and ``torch.compile`` at SDXL shapes.
 
-Run on a CUDA machine::
+Run on a CUDA machine and print the table::
 
-    python -m pytest benchmarks/test_bench_triton_gpu.py --benchmark-group-by=group --benchmark-columns=median,iqr,ops
+    python -m pytest benchmarks/test_bench_triton_gpu.py --benchmark-only --benchmark-json gpu.json && python -m benchmarks.to_table gpu.json
 
-Each group times one op and pass (``fwd`` or ``fwd+bwd``) for ``triton`` (the contract functions of
-``npu_kernels.triton``, called directly: kernel time without the custom-op / autograd plumbing) and
-``torch`` (the eager baseline diffusers runs: ``F.group_norm`` + ``F.silu``, ``chunk`` + ``F.gelu``,
-``F.scaled_dot_product_attention`` with autograd). Skipped without a CUDA GPU.
+Every op, shape, dtype (fp16, bf16) and mode (``forward``, ``forward_backward``) is timed for three
+implementations of the same maths:
+
+* ``triton``  -- the contract functions of ``npu_kernels.triton`` called directly (kernel time
+  without the custom-op / autograd plumbing);
+* ``torch``   -- the eager baseline diffusers runs: ``F.group_norm`` + ``F.silu``, ``chunk`` +
+  ``F.gelu``, ``F.scaled_dot_product_attention``, with autograd for the backward;
+* ``compile`` -- ``torch.compile`` (default inductor mode) of that same eager function, compiled
+  once before the timing; the backward is the one AOTAutograd compiles with it.
+
+Shapes (SDXL UNet at 1024 px): GroupNorm+SiLU 1x320x128x128, 1x640x64x64, 1x1280x32x32 (32 groups);
+GEGLU 1x4096x(2*2560), 1x1024x(2*5120); self-attention B1 H10 S4096 D64 and B1 H20 S1024 D64;
+cross-attention with the same queries and Skv 77.
+
+Timing: each round runs ``ITERATIONS`` calls back to back and synchronises once, so the median is
+the per-call time of a busy GPU (launch overhead shows only where the CPU is slower than the
+kernel). The calls cycle through copies of their inputs that together span several times the L2
+cache, so the memory-bound kernels read from DRAM, as they would inside a UNet.
+
+``extra_info`` of every benchmark: ``op, shape, impl, dtype, mode, gpu`` and ``copy_GB_per_s`` (the
+device's bandwidth measured once per session with ``dst.copy_(src)`` on 1 GiB, read + write counted);
+after the timing, for the memory-bound ops ``GB_per_s`` (minimum traffic, see ``_work``) and
+``pct_of_copy_bw``, for attention ``TFLOP_per_s`` (fwd ``4*B*H*Sq*Skv*D``, fwd+bwd 3.5x that, the
+FlashAttention-2 convention). Targets: GEGLU >= 85 % and GroupNorm+SiLU >= 70 % of the copy
+bandwidth (``target_pct_of_copy_bw``), attention at least as fast as SDPA (``torch``).
+
+Skipped without a CUDA GPU.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
 
 import pytest
@@ -27,114 +52,204 @@ import npu_kernels.triton as tk  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
-IMPLS = ["triton", "torch"]
+MODES = ["forward", "forward_backward"]
+IMPLS = ["triton", "torch", "compile"]
+GROUPS, EPS = 32, 1e-5  # diffusers' ResnetBlock2D / Transformer2DModel GroupNorm
+ROUNDS, ITERATIONS = 10, 25
+COPY_BYTES = 1 << 30
+TARGET_PCT_OF_COPY_BW = {"geglu": 85.0, "group_norm_silu": 70.0}
+
+# (op, shape): x [N, C, H, W]; x [B, S, 2*H]; (B, heads, Sq, Skv, head_dim) for attention.
+CASES = [
+    ("group_norm_silu", (1, 320, 128, 128)),
+    ("group_norm_silu", (1, 640, 64, 64)),
+    ("group_norm_silu", (1, 1280, 32, 32)),
+    ("geglu", (1, 4096, 2 * 2560)),
+    ("geglu", (1, 1024, 2 * 5120)),
+    ("flash_attention", (1, 10, 4096, 4096, 64)),
+    ("flash_attention", (1, 20, 1024, 1024, 64)),
+    ("cross_attention", (1, 10, 4096, 77, 64)),
+    ("cross_attention", (1, 20, 1024, 77, 64)),
+]
 
 
-def _timed(benchmark, fn):
-    """Benchmark ``fn`` with a device sync so that the GPU work, not the launch, is measured."""
-    fn()  # compile / warm up outside the timing
-    torch.cuda.synchronize()
+# ------------------------------------------------------------------------------- copy bandwidth
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> float:
+    """The device's copy bandwidth in GB/s: median of ``dst.copy_(src)`` on 1 GiB, read + write."""
+    src = torch.ones(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    times.sort()
+    return 2 * COPY_BYTES / times[len(times) // 2] / 1e9
 
-    def run():
-        fn()
-        torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=20, iterations=5, warmup_rounds=2)
+# ------------------------------------------------------------------------------------ the maths
+def _eager(op: str):
+    """What diffusers runs for the op (and what ``compile`` compiles)."""
+    if op == "geglu":
+        def geglu(x):
+            hidden, gate = x.chunk(2, dim=-1)
+            return hidden * F.gelu(gate)
+        return geglu
+    if op == "group_norm_silu":
+        def group_norm_silu(x, weight, bias):
+            return F.silu(F.group_norm(x, GROUPS, weight, bias, EPS))
+        return group_norm_silu
+
+    def attention(q, k, v):  # default scale: head_dim ** -0.5
+        return F.scaled_dot_product_attention(q, k, v)
+    return attention
 
 
-def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
-    return t.detach().requires_grad_(grad)
-
-
-# ----------------------------------------------------------------------------- GroupNorm + SiLU
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_group_norm_silu(benchmark, impl, dtype, channels_last, backward):
-    benchmark.group = f"group_norm_silu 1x320x128x128 G32 {'nhwc' if channels_last else 'nchw'} " \
-                      f"{dtype} {'fwd+bwd' if backward else 'fwd'}"
-    x = torch.randn(1, 320, 128, 128, device=DEVICE, dtype=dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    weight = torch.randn(320, device=DEVICE, dtype=dtype)
-    bias = torch.randn(320, device=DEVICE, dtype=dtype)
-    grad_out = torch.randn_like(x)
-
-    if impl == "triton":
-        def fn():
-            out, mean, rstd = tk.group_norm_silu_forward(x, 32, weight, bias, 1e-5)
-            if backward:
-                tk.group_norm_silu_backward(grad_out, x, weight, bias, mean, rstd, 32)
+def _make_inputs(op: str, shape: tuple, dtype: torch.dtype, requires_grad: bool) -> tuple[tuple, torch.Tensor]:
+    """``(inputs, grad_out)`` for one call, inputs as leaves that require grad for the backward."""
+    make = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    if op == "geglu":
+        inputs = (make(*shape),)
+        grad_out = torch.randn(*shape[:-1], shape[-1] // 2, device=DEVICE, dtype=dtype)
+    elif op == "group_norm_silu":
+        inputs = (make(*shape), make(shape[1]), make(shape[1]))
+        grad_out = torch.randn(*shape, device=DEVICE, dtype=dtype)
     else:
-        xl, wl, bl = (_leaf(t, backward) for t in (x, weight, bias))
+        b, h, sq, skv, d = shape
 
-        def fn():
-            out = F.silu(F.group_norm(xl, 32, wl, bl, 1e-5))
-            if backward:
-                torch.autograd.grad(out, (xl, wl, bl), grad_out)
-    _timed(benchmark, fn)
+        def make_bhsd(seq):  # diffusers' layout: [B, S, H, D] projections viewed as [B, H, S, D]
+            t = torch.randn(b, seq, h, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+            return t.requires_grad_(requires_grad)  # a leaf: randn does not track grad
+        inputs = (make_bhsd(sq), make_bhsd(skv), make_bhsd(skv))
+        grad_out = torch.randn(b, h, sq, d, device=DEVICE, dtype=dtype)
+    return inputs, grad_out
 
 
-# ---------------------------------------------------------------------------------------- GEGLU
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_geglu(benchmark, impl, dtype, backward):
-    benchmark.group = f"geglu 1x4096x(2x2560) {dtype} {'fwd+bwd' if backward else 'fwd'}"
-    x = torch.randn(1, 4096, 2 * 2560, device=DEVICE, dtype=dtype)
-    grad_out = torch.randn(1, 4096, 2560, device=DEVICE, dtype=dtype)
-
-    if impl == "triton":
-        def fn():
+def _triton_step(op: str, backward: bool):
+    """One call of the Triton contract functions: forward, then backward when timed."""
+    if op == "geglu":
+        def step(inputs, grad_out):
+            (x,) = inputs
             tk.geglu_forward(x, "none")
             if backward:
                 tk.geglu_backward(grad_out, x, "none")
-    else:
-        xl = _leaf(x, backward)
-
-        def fn():
-            hidden, gate = xl.chunk(2, dim=-1)
-            out = hidden * F.gelu(gate)
+    elif op == "group_norm_silu":
+        def step(inputs, grad_out):
+            x, weight, bias = inputs
+            out, mean, rstd = tk.group_norm_silu_forward(x, GROUPS, weight, bias, EPS)
             if backward:
-                torch.autograd.grad(out, (xl,), grad_out)
-    _timed(benchmark, fn)
+                tk.group_norm_silu_backward(grad_out, x, weight, bias, mean, rstd, GROUPS)
+    else:
+        forward_fn, backward_fn = {
+            "flash_attention": (tk.attention_forward, tk.attention_backward),
+            "cross_attention": (tk.cross_attention_forward, tk.cross_attention_backward),
+        }[op]
 
-
-# ------------------------------------------------------------------------------------ attention
-ATTENTION_CASES = {
-    # name: (B, H, Sq, Skv, D, triton forward, triton backward)
-    "self B1 H10 S4096 D64": (1, 10, 4096, 4096, 64, tk.attention_forward, tk.attention_backward),
-    "self B2 H10 S4096 D64": (2, 10, 4096, 4096, 64, tk.attention_forward, tk.attention_backward),
-    "cross B1 H10 Sq4096 Skv77 D64": (1, 10, 4096, 77, 64, tk.cross_attention_forward, tk.cross_attention_backward),
-    "cross B2 H20 Sq1024 Skv77 D64": (2, 20, 1024, 77, 64, tk.cross_attention_forward, tk.cross_attention_backward),
-}
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(ATTENTION_CASES))
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_attention(benchmark, impl, dtype, case, backward):
-    batch, heads, seq_q, seq_kv, head_dim, forward_fn, backward_fn = ATTENTION_CASES[case]
-    benchmark.group = f"attention {case} {dtype} {'fwd+bwd' if backward else 'fwd'}"
-    # diffusers' layout: [B, S, H, D] projections viewed as [B, H, S, D].
-    q = torch.randn(batch, seq_q, heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
-    k = torch.randn(batch, seq_kv, heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
-    v = torch.randn(batch, seq_kv, heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
-    grad_out = torch.randn(batch, heads, seq_q, head_dim, device=DEVICE, dtype=dtype)
-    scale = head_dim ** -0.5
-
-    if impl == "triton":
-        def fn():
+        def step(inputs, grad_out):
+            q, k, v = inputs
+            scale = q.shape[-1] ** -0.5
             out, lse = forward_fn(q, k, v, None, scale)
             if backward:
                 backward_fn(grad_out, q, k, v, out, lse, None, scale)
-    else:
-        ql, kl, vl = (_leaf(t, backward) for t in (q, k, v))
+    return step
 
-        def fn():
-            out = F.scaled_dot_product_attention(ql, kl, vl, scale=scale)
-            if backward:
-                torch.autograd.grad(out, (ql, kl, vl), grad_out)
-    _timed(benchmark, fn)
+
+def _autograd_step(fn, backward: bool):
+    """One call of ``fn`` (eager or compiled): forward, plus autograd's backward when timed."""
+    def step(inputs, grad_out):
+        out = fn(*inputs)
+        if backward:
+            torch.autograd.grad(out, inputs, grad_out)
+    return step
+
+
+def _step(op: str, impl: str, backward: bool):
+    if impl == "triton":
+        return _triton_step(op, backward)
+    if impl == "torch":
+        return _autograd_step(_eager(op), backward)
+    # A fresh dynamo cache per benchmark: no recompile limit across the cases, and each case is
+    # compiled for its own static shapes (no automatic-dynamic recompile after the first shape).
+    torch._dynamo.reset()
+    return _autograd_step(torch.compile(_eager(op)), backward)
+
+
+# ------------------------------------------------------------------------------------- the work
+def _work(op: str, shape: tuple, dtype: torch.dtype, mode: str) -> dict:
+    """Minimum bytes moved (memory-bound ops) or FLOPs (attention) of one timed call."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if op == "geglu":
+        # per row: forward reads 2H, writes H; backward reads x (2H) and grad (H), writes 2H.
+        rows, half = math.prod(shape[:-1]), shape[-1] // 2
+        elements = rows * (3 * half if mode == "forward" else 3 * half + 5 * half)
+        return {"bytes": elements * size}
+    if op == "group_norm_silu":
+        # forward reads and writes x; backward reads x and dy, writes dx (weights are negligible).
+        numel = math.prod(shape)
+        return {"bytes": numel * size * (2 if mode == "forward" else 2 + 3)}
+    b, h, sq, skv, d = shape
+    flops = 4 * b * h * sq * skv * d
+    return {"flops": flops * (1 if mode == "forward" else 3.5)}  # FA2 convention: bwd = 2.5x fwd
+
+
+def _num_input_sets(inputs: tuple, grad_out: torch.Tensor, backward: bool) -> int:
+    """Copies of the inputs to cycle through so that they span 4x the L2 cache (cold reads)."""
+    l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 0) or 64 << 20
+    nbytes = sum(t.nbytes for t in inputs) + (grad_out.nbytes if backward else 0)
+    return max(2, min(128, math.ceil(4 * l2 / nbytes)))
+
+
+# ------------------------------------------------------------------------------------ benchmark
+def _timed(benchmark, step, input_sets: list) -> None:
+    """``ITERATIONS`` back-to-back calls per round, one device sync at the end of each round."""
+    step(*input_sets[0])  # compile / autotune / warm up outside the timing
+    torch.cuda.synchronize()
+    calls = itertools.count(1)
+
+    def run():
+        i = next(calls)
+        step(*input_sets[i % len(input_sets)])
+        if i % ITERATIONS == 0:  # pedantic's rounds run exactly ITERATIONS calls each
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=ITERATIONS, warmup_rounds=1)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("op,shape", [pytest.param(op, shape, id=f"{op}-{'x'.join(map(str, shape))}")
+                                      for op, shape in CASES])
+def test_kernel(benchmark, copy_bandwidth, op, shape, dtype, mode, impl):
+    backward = mode == "forward_backward"
+    benchmark.group = f"{op} {shape} {str(dtype).replace('torch.', '')} {mode}"
+    benchmark.extra_info.update(
+        op=op, shape=list(shape), impl=impl, dtype=str(dtype), mode=mode,
+        device="cuda", gpu=torch.cuda.get_device_name(), copy_GB_per_s=copy_bandwidth,
+    )
+    if op in TARGET_PCT_OF_COPY_BW:
+        benchmark.extra_info["target_pct_of_copy_bw"] = TARGET_PCT_OF_COPY_BW[op]
+
+    first = _make_inputs(op, shape, dtype, requires_grad=backward and impl != "triton")
+    count = _num_input_sets(*first, backward)
+    input_sets = [first] + [_make_inputs(op, shape, dtype, backward and impl != "triton") for _ in range(count - 1)]
+    _timed(benchmark, _step(op, impl, backward), input_sets)
+
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        seconds = benchmark.stats.stats.median
+        work = _work(op, shape, dtype, mode)
+        if "bytes" in work:
+            gb_per_s = work["bytes"] / seconds / 1e9
+            benchmark.extra_info["GB_per_s"] = gb_per_s
+            benchmark.extra_info["pct_of_copy_bw"] = 100 * gb_per_s / copy_bandwidth
+        else:
+            benchmark.extra_info["TFLOP_per_s"] = work["flops"] / seconds / 1e12
