@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from npu_kernels import frozen_layers
 from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
 from npu_kernels.ops.attention import CROSS_ATTENTION_MAX_KV
 
@@ -164,6 +165,7 @@ class OptimizeReport:
     resnet_blocks: int = 0
     norm_out_pairs: int = 0
     geglu: int = 0
+    frozen_layers: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,7 +175,8 @@ class OptimizeReport:
         return (
             f"npu_kernels.optimize: {self.attention_processors} attention processors, "
             f"{self.resnet_blocks} ResnetBlock2D (GroupNorm+SiLU x2), {self.norm_out_pairs} conv_norm_out+conv_act, "
-            f"{self.geglu} GEGLU; {len(self.skipped)} modules left as they were"
+            f"{self.geglu} GEGLU, {self.frozen_layers} Linear/Conv2d that save no input when frozen; "
+            f"{len(self.skipped)} modules left as they were"
         )
 
 
@@ -190,14 +193,17 @@ def _is_group_norm(module: nn.Module | None) -> bool:
     return type(module) is nn.GroupNorm
 
 
-def optimize(model: nn.Module) -> OptimizeReport:
+def optimize(model: nn.Module, frozen_weights: bool = True) -> OptimizeReport:
     """Install npu_kernels' fused ops on a diffusers model, in place.
 
     * every ``Attention`` using ``AttnProcessor2_0``/``AttnProcessor`` gets :class:`FusedAttnProcessor`;
     * ``ResnetBlock2D`` (default time-embedding norm, SiLU): ``norm1``/``norm2`` + ``nonlinearity``
       run as :func:`npu_kernels.group_norm_silu`; the time-embedding SiLU stays as it is;
     * ``conv_norm_out`` (GroupNorm) followed by ``conv_act`` (SiLU) become one fused op;
-    * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection.
+    * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection;
+    * with ``frozen_weights`` (default), plain ``nn.Linear``/``nn.Conv2d`` layers whose parameters
+      do not require grad at call time (the frozen base of LoRA training) keep no input for the
+      backward, only their weight: same values and gradients, much less activation memory.
 
     Works on ``UNet2DConditionModel`` and on any other model: it swaps what matches and leaves the
     rest. Calling it twice changes nothing more. Undo with :func:`restore`.
@@ -230,6 +236,9 @@ def optimize(model: nn.Module) -> OptimizeReport:
         elif isinstance(module, GEGLU):
             _patch(module, _geglu_forward)
             report.geglu += 1
+        elif frozen_weights and frozen_layers.patchable(module):
+            _patch(module, frozen_layers.linear_forward if type(module) is nn.Linear else frozen_layers.conv2d_forward)
+            report.frozen_layers += 1
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if _is_group_norm(norm) and _is_plain_silu(act) and not getattr(norm, _FUSED_TAG, False):
             _patch(norm, _norm_silu_forward)

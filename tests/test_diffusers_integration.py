@@ -147,3 +147,45 @@ def test_compiled_optimized_unet_matches_eager(stock_run):
     torch._dynamo.reset()
     unet.forward = torch.compile(unet.forward, backend="aot_eager", fullgraph=True)
     assert_same_run(forward_backward(unet), expected)
+
+
+def _frozen_lora_step(unet, weight_dtype):
+    """The recipe's situation: frozen base in ``weight_dtype``, trainable LoRA in fp32, autocast for bf16."""
+    unet.to(weight_dtype)
+    for name, param in unet.named_parameters():
+        param.requires_grad_("lora_" in name)
+        param.grad = None
+        if "lora_" in name:
+            param.data = param.data.float()
+    inputs = tiny_sdxl_inputs()
+    inputs["sample"].requires_grad_(True)  # the input gradient flows through every frozen layer
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weight_dtype == torch.bfloat16):
+        out = unet(**inputs).sample
+    (out.float() ** 2).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+    grads["sample"] = inputs["sample"].grad
+    return out.detach().float(), grads
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_frozen_base_lora_step_matches_stock(stock_run, weight_dtype):
+    stock_unet, _ = stock_run
+    reference_unet, unet = copy.deepcopy(stock_unet), copy.deepcopy(stock_unet)
+    report = npu_kernels.optimize(unet)
+    assert report.frozen_layers > 0
+    expected = _frozen_lora_step(reference_unet, weight_dtype)
+    actual = _frozen_lora_step(unet, weight_dtype)
+    assert_same_run(actual, expected, tol=1e-4 if weight_dtype == torch.float32 else 3e-2)
+
+
+def test_frozen_layers_keep_no_input_for_backward():
+    from benchmarks.memory import saved_bytes
+
+    layer = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 8, 16, 16, requires_grad=True)
+    stock = saved_bytes(lambda: layer(x * 2), exclude=list(layer.parameters()))
+    npu_kernels.optimize(layer)
+    assert saved_bytes(lambda: layer(x * 2), exclude=list(layer.parameters())) < stock
+    layer.weight.requires_grad_(True)  # unfrozen: the stock path again, with a weight gradient
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
