@@ -66,6 +66,9 @@ def render(data: dict) -> str:
             info = row["extra_info"]
             median = row["stats"]["median"]
             speed = base["stats"]["median"] / median if base else None
+            if base and info.get("images_per_s") and base["extra_info"].get("images_per_s"):
+                # The trainer's own steady-state images/s, not the whole run (loading, caching).
+                speed = info["images_per_s"] / base["extra_info"]["images_per_s"]
             saved = info.get("saved_bytes")
             saved_ratio = saved / base["extra_info"]["saved_bytes"] if base and saved and base["extra_info"].get("saved_bytes") else None
             rate = info.get("images_per_s") or info.get("GB_per_s") or info.get("TFLOP_per_s")

@@ -1,0 +1,74 @@
+"""The whole recipe (``python -m trainer.sdxl_lora``): default flags vs the speed features on.
+
+Both sides at the same precision: fp32, and bf16 (frozen weights bf16, the fp16-fix-style VAE
+given separately so it runs in bf16 too). Speed features: ``--cache_latents
+--cache_text_embeddings`` (VAE and text encoders run once before training) and the kernels
+(``--kernels on``; default flags train with ``--kernels off``, i.e. stock diffusers modules).
+
+Full size is SDXL's architecture (random weights, built once and cached on disk, ~14 GB) at
+``--resolution`` (512 by default) on 8 captioned images; smoke is the embedded tiny pipeline.
+``extra_info["images_per_s"]`` is the trainer's own figure: images per second after the first 5
+steps, data loading included (its summary's ``fps``).
+"""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+
+from trainer import sdxl_lora
+
+FLAGS = {
+    "default_flags": ["--kernels", "off"],
+    "speed_features": ["--kernels", "on", "--cache_latents", "--cache_text_embeddings"],
+}
+
+
+@pytest.fixture(scope="module")
+def assets(bench_size):
+    if bench_size == "full":
+        from benchmarks.sdxl_assets import ensure_sdxl_assets
+
+        return ensure_sdxl_assets()
+    from trainer.embedded_default import ensure_assets
+
+    embedded = ensure_assets()
+    return embedded.model_dir, embedded.dataset_dir
+
+
+@pytest.mark.parametrize("features", list(FLAGS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, precision, features):
+    model_dir, dataset_dir = assets
+    resolution = resolution if bench_size == "full" else 64
+    argv = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--dataset_name", str(dataset_dir),
+        "--resolution", str(resolution),
+        "--train_batch_size", "1",
+        "--max_train_steps", "8",
+        "--mixed_precision", "no" if precision == "fp32" else "bf16",
+        "--output_dir", str(tmp_path / "out"),
+        "--checkpointing_steps", "1000000",
+        "--seed", "42",
+        *FLAGS[features],
+    ]
+    if precision == "bf16":
+        argv += ["--vae_name", str(model_dir / "vae")]  # a separate VAE runs in the weight dtype
+    summary = {}
+
+    def run() -> None:
+        summary.update(sdxl_lora.main(argv))
+        gc.collect()
+
+    benchmark.group = f"trainer_step {precision} {resolution if bench_size == 'full' else 'tiny'}"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    benchmark.extra_info.update(
+        impl=features,
+        precision=precision,
+        resolution=resolution,
+        images_per_s=saved.get("fps"),
+        summary=saved,
+    )
