@@ -7,6 +7,8 @@ type and default, so existing launch scripts work unchanged, plus:
   ``--pretrained_vae_model_name_or_path``) and ``--validation_prompts`` (one or more prompts);
 * ``--kernels on|off``: train through ``npu_kernels.optimize`` (default) or with stock diffusers modules;
 * ``--validation_inference_steps``: denoising steps of validation images (default: the pipeline's).
+* ``--on_bad_image skip|fail``: what an undecodable image does (see ``trainer.preflight``).
+* ``--cache_latents`` / ``--cache_text_embeddings``: run the frozen encoders once (see ``trainer.caching``).
 
 Unlike the diffusers script nothing is required: without ``--pretrained_model_name_or_path`` the embedded
 tiny SDXL pipeline is used, without ``--dataset_name``/``--train_data_dir`` the embedded shapes dataset,
@@ -322,6 +324,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         help="on: the UNet runs npu_kernels' fused attention, GroupNorm+SiLU and GEGLU (npu_kernels.optimize);"
         " off: stock diffusers modules.",
+    )
+
+    # ---------------------------------------------------------------- bad inputs (trainer.preflight)
+    add(
+        "--on_bad_image",
+        type=str,
+        default="skip",
+        choices=["skip", "fail"],
+        help="An image that cannot be decoded (corrupt, truncated, missing file). skip: train on the next row"
+        " instead, warn once per image and count them in summary.json; fail: stop with an error naming the"
+        " row and file.",
+    )
+
+    # ---------------------------------------------------------------- caching (trainer.caching)
+    add(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image with the VAE once before training and sample the cached latent distribution in"
+        " each step. --random_flip is honoured (both orientations are cached); a random crop is not (use"
+        " --center_crop or square images).",
+    )
+    add(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Run both text encoders once per distinct caption before training. Not with --train_text_encoder.",
     )
     return parser
 

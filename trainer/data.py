@@ -10,6 +10,11 @@ PIL and torch instead of torchvision (whose builds are tied to one torch build):
   top-left (y, x) becomes ``crops_coords_top_left`` in the UNet's time ids;
 * ``ToTensor`` + ``Normalize([0.5], [0.5])``, i.e. pixels in [-1, 1];
 * captions tokenized by both tokenizers (a random caption when a row holds several).
+
+Images are decoded here rather than by ``datasets`` so that a corrupt or truncated file is one skipped
+row (``--on_bad_image skip``, counted in the summary) or a one-line error naming it
+(``--on_bad_image fail``) instead of a traceback from inside the DataLoader; and so that every PIL mode
+becomes the right RGB (:func:`to_rgb`: 16-bit scaled, transparency composited on white).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from trainer.args import DATASET_NAME_MAPPING
+from trainer.preflight import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +134,105 @@ def to_normalized_tensor(image: Any) -> torch.Tensor:
     return tensor.sub_(0.5).div_(0.5)
 
 
+# ----------------------------------------------------------------------------- image decoding
+#: Row number in the loaded dataset, added before ``--max_train_samples`` shuffles, so a bad image is
+#: reported by the row it has in the user's files.
+ROW_COLUMN = "__row__"
+#: Per example: why its image could not be used (None when it could).
+BAD_IMAGE_KEY = "bad_image"
+#: Per example / per batch: the bad images that were skipped to produce it.
+SKIPPED_KEY = "skipped_images"
+#: Where transparent pixels end up: white, the background of most product shots and drawings.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class BadImageError(Exception):
+    """An image that cannot be decoded or converted; the message says why, in one line."""
+
+
+def decode_image(value: Any) -> Any:
+    """A PIL image from what a dataset row holds: a decoded image, ``{"bytes", "path"}``, a path or bytes.
+
+    Decoding is ``datasets.Image().decode_example`` (the same file access, ``load()`` and EXIF rotation
+    as when ``datasets`` decodes), but its failures become :class:`BadImageError`.
+    """
+    from PIL import Image as PILImage
+
+    if isinstance(value, PILImage.Image):
+        return value
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    elif isinstance(value, (bytes, bytearray)):
+        value = {"path": None, "bytes": bytes(value)}
+    elif value is None:
+        raise BadImageError("no image (the value is missing)")
+    elif not isinstance(value, dict):
+        raise BadImageError(f"not an image: a {type(value).__name__}")
+    if value.get("path") is None and value.get("bytes") is None:
+        raise BadImageError("no image (neither bytes nor a path)")
+    import datasets
+
+    try:
+        return datasets.Image().decode_example(value)
+    except (OSError, SyntaxError, ValueError, EOFError, PILImage.DecompressionBombError) as error:
+        # PIL signals corrupt data with any of these (truncated: OSError; broken PNG chunks: SyntaxError).
+        raise BadImageError(_image_error_text(error)) from None
+
+
+def _image_error_text(error: BaseException) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can read (unknown format or corrupt header)"  # PIL's text names a BytesIO
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    text = " ".join(str(error).split()) or type(error).__name__
+    # PNG says "image file is truncated", JPEG "Truncated File Read": one wording for both.
+    return "image file is truncated" if "truncated" in text.lower() else text
+
+
+def to_rgb(image: Any) -> Any:
+    """8-bit RGB from any PIL mode, without the surprises of ``image.convert("RGB")``:
+
+    * 16-bit (``I;16*``, and 32-bit ``I`` read as 16-bit range) is scaled to 8 bits (65535 -> 255);
+      ``convert`` clips every value above 255 to white;
+    * transparency (RGBA, LA, palette or grey with a transparent colour) is composited on
+      :data:`TRANSPARENT_BACKGROUND`; ``convert`` keeps whatever colour the transparent pixels hide;
+    * everything else (L, 1, P, CMYK, YCbCr, ...) is PIL's own conversion.
+    """
+    from PIL import Image as PILImage
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _scale_sixteen_bit(image).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:  # a mode PIL cannot convert (e.g. LAB)
+        raise BadImageError(f"cannot convert mode {image.mode} to RGB ({error})") from None
+
+
+def _scale_sixteen_bit(image: Any) -> Any:
+    """16-bit grey to 8-bit grey: v / 257 rounded, so 0 -> 0, 257 -> 1 and 65535 -> 255."""
+    from PIL import Image as PILImage
+
+    values = np.asarray(image).astype(np.float64)
+    return PILImage.fromarray(np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+
+
+def describe_row(source: str, row: int | None, value: Any) -> str:
+    """How a warning or error names an image: dataset, row and file when the row has one."""
+    where = f"{source}: row {row}" if row is not None else source
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"{where} ({path})" if path else where
+
+
 @dataclass
 class SDXLPreprocessor:
     """The per-example transform installed with ``Dataset.with_transform`` (applied lazily per batch)."""
@@ -140,6 +245,7 @@ class SDXLPreprocessor:
     center_crop: bool = False
     random_flip: bool = False
     debug_loss: bool = False
+    source: str = "dataset"  # names the dataset in bad-image and caption messages
 
     def crop_params(self, height: int, width: int) -> tuple[int, int]:
         """Top-left (y, x) of the crop; torch RNG for random crops as ``RandomCrop.get_params``."""
@@ -152,52 +258,81 @@ class SDXLPreprocessor:
         x1 = int(torch.randint(0, max(width - size, 0) + 1, size=(1,)).item())
         return y1, x1
 
-    def transform_image(self, image: Any) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """(pixel values, original size (h, w), crop top-left (y, x)) for one PIL image."""
+    def transform_image(self, image: Any, flip: bool | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """(pixel values, original size (h, w), crop top-left (y, x)) for one PIL image.
+
+        ``flip``: None draws it (``--random_flip``); True/False fixes it (trainer.caching caches both).
+        """
         from PIL import Image
 
-        image = image.convert("RGB")
+        image = to_rgb(image)
         original_size = (image.height, image.width)
         image = resize_shorter_side(image, self.resolution)
-        if self.random_flip and random.random() < 0.5:
+        if (self.random_flip and random.random() < 0.5) if flip is None else flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         y1, x1 = self.crop_params(image.height, image.width)
         # PIL pads out-of-range crops with zeros, as torchvision's crop does.
         image = image.crop((x1, y1, x1 + self.resolution, y1 + self.resolution))
         return to_normalized_tensor(image), original_size, (y1, x1)
 
-    def captions(self, raw: Sequence[Any], is_train: bool = True) -> list[str]:
-        captions = []
-        for caption in raw:
-            if isinstance(caption, str):
-                captions.append(caption)
-            elif isinstance(caption, (list, np.ndarray)):
-                # take a random caption if there are multiple
-                captions.append(random.choice(caption) if is_train else caption[0])
-            else:
-                raise ValueError(
-                    f"Caption column `{self.caption_column}` should contain either strings or lists of strings."
-                )
-        return captions
+    def captions(self, raw: Sequence[Any], is_train: bool = True, rows: Sequence[int] | None = None) -> list[str]:
+        """One caption per example: see :func:`pick_caption`. ``rows`` name the rows in errors."""
+        rows = list(rows) if rows is not None else [None] * len(raw)
+        return [
+            pick_caption(caption, is_train, f"{describe_row(self.source, row, None)}: caption column '{self.caption_column}'")
+            for caption, row in zip(raw, rows)
+        ]
 
     def __call__(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        pixel_values, original_sizes, crop_top_lefts = [], [], []
-        for image in examples[self.image_column]:
-            pixels, original_size, crop_top_left = self.transform_image(image)
+        rows = examples.get(ROW_COLUMN) or [None] * len(examples[self.image_column])
+        pixel_values, original_sizes, crop_top_lefts, bad_images, names = [], [], [], [], []
+        for value, row in zip(examples[self.image_column], rows):
+            # A bad image is not raised here: BadImageGuard decides (skip: another row, fail: stop).
+            try:
+                image = decode_image(value)
+                pixels, original_size, crop_top_left = self.transform_image(image)
+            except BadImageError as error:
+                pixels = original_size = crop_top_left = None
+                bad_images.append(f"{describe_row(self.source, row, value)}: {error}")
+                names.append(None)
+            else:
+                bad_images.append(None)
+                names.append(os.path.basename(getattr(image, "filename", "") or "") or None)
             pixel_values.append(pixels)
             original_sizes.append(original_size)
             crop_top_lefts.append(crop_top_left)
         examples["original_sizes"] = original_sizes
         examples["crop_top_lefts"] = crop_top_lefts
         examples["pixel_values"] = pixel_values
-        captions = self.captions(examples[self.caption_column])
+        examples[BAD_IMAGE_KEY] = bad_images
+        captions = self.captions(examples[self.caption_column], rows=rows)
         examples["input_ids_one"] = tokenize_prompt(self.tokenizer_one, captions)
         examples["input_ids_two"] = tokenize_prompt(self.tokenizer_two, captions)
-        if self.debug_loss:
-            names = [os.path.basename(image.filename) for image in examples[self.image_column] if getattr(image, "filename", None)]
-            if names:
-                examples["filenames"] = names
+        if self.debug_loss and names and all(names):  # only when every image came from a named file
+            examples["filenames"] = names
         return examples
+
+
+def pick_caption(caption: Any, is_train: bool, where: str) -> str:
+    """The caption of one example, as diffusers picks it, with one-line errors for what it cannot use.
+
+    * a string, the empty string included (the image then trains unconditionally, like SDXL's "");
+    * a non-empty list of strings: ``random.choice`` while training (diffusers), the first otherwise;
+    * None, an empty list or anything else: :class:`~trainer.preflight.InputError` naming the row.
+      (Preflight refuses such datasets before training; this guards data that bypassed it.)
+    """
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)):
+        if len(caption) == 0:
+            raise InputError(f"{where} is an empty list; give it at least one caption")
+        choice = random.choice(caption) if is_train else caption[0]
+        if isinstance(choice, str):
+            return choice
+    if caption is None:
+        raise InputError(f'{where} is missing (None); give it a caption ("" trains it unconditionally)')
+    # diffusers' wording, which scripts may already match on
+    raise InputError(f"{where} should contain either strings or lists of strings, not {type(caption).__name__}")
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -213,7 +348,70 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
     filenames = [example["filenames"] for example in examples if "filenames" in example]
     if filenames:
         batch["filenames"] = filenames
+    # Bad images skipped to fill this batch: the batch carries them to the main process (DataLoader
+    # workers cannot report otherwise), where SkippedImages counts them.
+    skipped = [problem for example in examples for problem in example.get(SKIPPED_KEY) or ()]
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
     return batch
+
+
+class BadImageGuard(torch.utils.data.Dataset):
+    """The training dataset with ``--on_bad_image`` applied to rows whose image cannot be used.
+
+    ``skip``: the row is replaced by the next usable one (so batches keep their size and every device
+    keeps the same number of steps) and the example lists what it replaced under :data:`SKIPPED_KEY`.
+    ``fail``: :class:`~trainer.preflight.InputError` naming the dataset, row and file.
+    """
+
+    def __init__(self, dataset: Any, on_bad_image: str, source: str) -> None:
+        self.dataset = dataset
+        self.on_bad_image = on_bad_image
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._usable(index, self.dataset[index])
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        # One transform call for the whole batch, as datasets' own __getitems__ (what DataLoader uses).
+        rows = self.dataset.__getitems__(list(indices))
+        return [self._usable(index, row) for index, row in zip(indices, rows)]
+
+    def _usable(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        skipped: list[str] = []
+        while example.get(BAD_IMAGE_KEY):
+            problem = example[BAD_IMAGE_KEY]
+            if self.on_bad_image == "fail":
+                raise InputError(f"{problem} (--on_bad_image fail; use skip to train without it)")
+            skipped.append(problem)
+            if len(skipped) >= len(self):
+                raise InputError(f"{self.source}: no image in its {len(self)} rows can be read (last: {problem})")
+            index = (index + 1) % len(self)  # deterministic: the next row stands in
+            example = self.dataset[index]
+        example[SKIPPED_KEY] = skipped
+        return example
+
+
+class SkippedImages:
+    """The distinct bad images skipped during the run (main process), each warned about once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._seen: set[str] = set()
+
+    def record(self, batch: dict[str, Any]) -> None:
+        """Take :data:`SKIPPED_KEY` out of a batch; a row skipped again in a later epoch counts once."""
+        for problem in batch.pop(SKIPPED_KEY, None) or ():
+            if problem not in self._seen:
+                self._seen.add(problem)
+                self.problems.append(problem)
+                logger.warning(f"skipped unreadable image: {problem}")
+
+    def __len__(self) -> int:
+        return len(self.problems)
 
 
 def build_train_dataset(args: argparse.Namespace, tokenizer_one: Any, tokenizer_two: Any, main_process_first: Any) -> Any:
@@ -225,10 +423,12 @@ def build_train_dataset(args: argparse.Namespace, tokenizer_one: Any, tokenizer_
     with main_process_first():
         dataset = load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
         image_column, caption_column = resolve_columns(dataset.column_names, args)
+        dataset = undecoded_with_rows(dataset, image_column)
         if args.max_train_samples is not None:
             dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
         if len(dataset) == 0:
             raise ValueError("The training dataset is empty.")
+        source = str(args.dataset_name if args.dataset_name is not None else args.train_data_dir)
         preprocess = SDXLPreprocessor(
             tokenizer_one=tokenizer_one,
             tokenizer_two=tokenizer_two,
@@ -238,8 +438,21 @@ def build_train_dataset(args: argparse.Namespace, tokenizer_one: Any, tokenizer_
             center_crop=args.center_crop,
             random_flip=args.random_flip,
             debug_loss=args.debug_loss,
+            source=source,
         )
-        return dataset.with_transform(preprocess, output_all_columns=True)
+        # getattr: callers that build their Namespace by hand predate --on_bad_image.
+        on_bad_image = getattr(args, "on_bad_image", "skip")
+        return BadImageGuard(dataset.with_transform(preprocess, output_all_columns=True), on_bad_image, source)
+
+
+def undecoded_with_rows(dataset: Any, image_column: str) -> Any:
+    """The dataset with images left encoded (SDXLPreprocessor decodes them, see :func:`decode_image`)
+    and a :data:`ROW_COLUMN` holding each row's number, for messages about bad images."""
+    from datasets import Image
+
+    if isinstance(dataset.features[image_column], Image):
+        dataset = dataset.cast_column(image_column, Image(decode=False))  # metadata only: no data rewritten
+    return dataset.add_column(ROW_COLUMN, np.arange(len(dataset), dtype=np.int64))
 
 
 def build_dataloader(dataset: Any, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:

@@ -5,14 +5,19 @@ drawn timesteps (plus ``--noise_offset``), condition the UNet on the concatenate
 states of both text encoders, the second encoder's pooled embedding and the time ids
 ``original_size + crop_top_left + target_size``, and regress the noise (or the velocity for
 v-prediction) with an MSE computed in float32, optionally Min-SNR weighted.
+
+With ``--cache_latents`` / ``--cache_text_embeddings`` (:mod:`trainer.caching`) a batch carries the VAE's
+latent distribution and the prompt embeddings instead of pixels and token ids; the step then samples the
+latents from the cached distribution, drawing the same random numbers as ``vae.encode(...).sample()``.
+
+The loop adds, to diffusers' loop: a stop at the first non-finite loss (:mod:`trainer.guards`), a
+graceful stop on SIGINT/SIGTERM at a step boundary (:mod:`trainer.interrupts`), and an exact
+continuation of the data order after a resume (:mod:`trainer.sampling`, :mod:`trainer.checkpointing`).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -20,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from trainer import distributed, guards, testing_hooks
 from trainer.metrics import StepRecord, TrainingHistory
 
 logger = logging.getLogger(__name__)
@@ -101,12 +107,21 @@ class StepContext:
 
 def training_loss(ctx: StepContext, batch: dict[str, Any]) -> torch.Tensor:
     """Forward pass of one batch to its (scalar) loss."""
-    # The model's own VAE runs in float32 (SDXL's overflows in fp16); a separate one in weight_dtype.
-    pixel_values = batch["pixel_values"].to(ctx.device, dtype=ctx.weight_dtype if ctx.separate_vae else torch.float32)
     with torch.no_grad():
-        model_input = ctx.vae.encode(pixel_values).latent_dist.sample()
+        if "latent_parameters" in batch:  # --cache_latents: the encoder ran once, sample its distribution
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            model_input = DiagonalGaussianDistribution(batch["latent_parameters"].to(ctx.device)).sample()
+        else:
+            # The model's own VAE runs in float32 (SDXL's overflows in fp16); a separate one in weight_dtype.
+            dtype = ctx.weight_dtype if ctx.separate_vae else torch.float32
+            pixel_values = batch["pixel_values"].to(ctx.device, dtype=dtype)
+            model_input = ctx.vae.encode(pixel_values).latent_dist.sample()
     model_input = model_input * ctx.vae.config.scaling_factor
-    model_input = model_input.to(ctx.weight_dtype)
+    # Contiguous: randn_like below follows the input's strides, and the VAE's output layout depends on the
+    # conv algorithm (on CPU, channels_last for some batch sizes), so the noise would depend on it too;
+    # cached latents (trainer.caching) must draw exactly the noise fresh ones do.
+    model_input = model_input.to(ctx.weight_dtype).contiguous()
 
     noise = torch.randn_like(model_input)
     if ctx.noise_offset:
@@ -119,7 +134,11 @@ def training_loss(ctx: StepContext, batch: dict[str, Any]) -> torch.Tensor:
     add_time_ids = compute_time_ids(
         batch["original_sizes"], batch["crop_top_lefts"], ctx.resolution, ctx.device, ctx.weight_dtype
     )
-    prompt_embeds, pooled_prompt_embeds = encode_prompt(ctx.text_encoders, [batch["input_ids_one"], batch["input_ids_two"]])
+    if "prompt_embeds" in batch:  # --cache_text_embeddings
+        prompt_embeds = batch["prompt_embeds"].to(ctx.device)
+        pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(ctx.device)
+    else:
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(ctx.text_encoders, [batch["input_ids_one"], batch["input_ids_two"]])
     model_pred = ctx.unet(
         noisy_model_input,
         timesteps,
@@ -138,50 +157,6 @@ def training_loss(ctx: StepContext, batch: dict[str, Any]) -> torch.Tensor:
     return diffusion_loss(model_pred, target, timesteps, ctx.noise_scheduler, ctx.snr_gamma)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def list_checkpoints(output_dir: str) -> list[str]:
-    """``checkpoint-<step>`` directories in ``output_dir``, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
-    return sorted(names, key=lambda name: int(name.split("-")[1]))
-
-
-def save_checkpoint(accelerator: Any, output_dir: str, global_step: int, total_limit: int | None) -> str:
-    """``accelerator.save_state`` to ``checkpoint-<step>``, first pruning so at most ``total_limit`` remain."""
-    if total_limit is not None:
-        checkpoints = list_checkpoints(output_dir)
-        if len(checkpoints) >= total_limit:
-            removing = checkpoints[: len(checkpoints) - total_limit + 1]
-            logger.info(f"{len(checkpoints)} checkpoints already exist, removing {len(removing)} checkpoints")
-            logger.info(f"removing checkpoints: {', '.join(removing)}")
-            for name in removing:
-                shutil.rmtree(os.path.join(output_dir, name))
-    path = os.path.join(output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
-    return path
-
-
-def resume(accelerator: Any, args: argparse.Namespace, num_update_steps_per_epoch: int) -> tuple[int, int]:
-    """(global step, first epoch) after ``--resume_from_checkpoint`` (a path or ``latest``), as diffusers."""
-    if not args.resume_from_checkpoint:
-        return 0, 0
-    if args.resume_from_checkpoint != "latest":
-        path = os.path.basename(args.resume_from_checkpoint.rstrip("/"))
-    else:
-        checkpoints = list_checkpoints(args.output_dir)
-        path = checkpoints[-1] if checkpoints else None
-    if path is None or not os.path.isdir(os.path.join(args.output_dir, path)):
-        accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
-        args.resume_from_checkpoint = None
-        return 0, 0
-    accelerator.print(f"Resuming from checkpoint {path}")
-    accelerator.load_state(os.path.join(args.output_dir, path))
-    global_step = int(path.split("-")[1])
-    return global_step, global_step // num_update_steps_per_epoch
-
-
 # ----------------------------------------------------------------------------- the loop
 @dataclass
 class LoopConfig:
@@ -193,9 +168,8 @@ class LoopConfig:
     train_batch_size: int
     max_grad_norm: float
     checkpointing_steps: int
-    checkpoints_total_limit: int | None
-    output_dir: str
     debug_loss: bool = False
+    skip_batches: int = 0  # batches of first_epoch a resumed run skips (the interrupted run used them)
 
 
 def _timed(iterable: Iterable[Any]) -> Iterable[tuple[Any, float]]:
@@ -221,37 +195,64 @@ def train_loop(
     params_to_clip: list[torch.nn.Parameter],
     progress_bar: Any,
     on_epoch_end: Callable[[int], None] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    save_checkpoint: Callable[[int], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    set_epoch: Callable[[int], None] | None = None,
 ) -> TrainingHistory:
     """Run epochs ``first_epoch..num_train_epochs`` until ``max_train_steps`` optimizer steps.
 
-    Returns one :class:`StepRecord` per optimizer step. ``on_epoch_end(epoch)`` runs validation.
-    """
-    from accelerate.utils import DistributedType
+    Returns one :class:`StepRecord` per optimizer step. ``on_epoch_end(epoch)`` runs validation;
+    ``on_batch(batch)`` sees each batch first, in the main process (it counts skipped bad images).
 
+    Called on every process: ``save_checkpoint(step)`` every ``checkpointing_steps`` and when stopping
+    early; ``stop_requested()`` (this process received SIGINT/SIGTERM) is agreed on by all processes after
+    each optimizer step, and a stop ends the loop with ``history.stopped_early``; ``set_epoch(epoch)``
+    fixes the data order of each epoch. A non-finite loss raises
+    :class:`~trainer.guards.NonFiniteLossError` before the optimizer update.
+    """
     history = TrainingHistory()
     global_step = config.initial_global_step
+    history.last_checkpoint_step = global_step  # the resumed-from checkpoint already holds this state
     accumulate_target = trainable_modules[0]
     for epoch in range(config.first_epoch, config.num_train_epochs):
         for module in trainable_modules:
             module.train()
+        if set_epoch is not None:
+            set_epoch(epoch)
+        epoch_batches = dataloader
+        if epoch == config.first_epoch and config.skip_batches:
+            # Resumed mid-epoch: the same epoch order (set_epoch), without the batches already trained on.
+            epoch_batches = accelerator.skip_first_batches(dataloader, config.skip_batches)
+        if hasattr(epoch_batches, "set_epoch"):
+            epoch_batches.set_epoch(epoch)  # accelerate re-applies its own epoch counter on iteration
         train_loss = 0.0
         step_time = data_time = 0.0
         micro_steps = 0
         step_start = time.perf_counter()
-        for batch, waited in _timed(dataloader):
+        for batch, waited in _timed(epoch_batches):
             data_time += waited
+            if on_batch is not None:
+                on_batch(batch)
             micro_steps += 1
             with accelerator.accumulate(accumulate_target):
                 loss = training_loss(step_ctx, batch)
+                loss = testing_hooks.corrupt_loss(loss, global_step + 1)
                 if config.debug_loss and "filenames" in batch:
                     for name in batch["filenames"]:
                         accelerator.log({"loss_for_" + name: loss}, step=global_step)
                 # Gather the losses across all processes for logging (if we use distributed training).
                 avg_loss = accelerator.gather(loss.repeat(config.train_batch_size)).mean()
-                train_loss += avg_loss.item() / accelerator.gradient_accumulation_steps
+                loss_value = avg_loss.item()
+                # All processes see the same gathered value, so all stop here, before any update.
+                guards.check_loss(loss_value, global_step + 1, epoch)
+                train_loss += loss_value / accelerator.gradient_accumulation_steps
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    testing_hooks.pause(
+                        testing_hooks.PAUSE_AT_STEP, global_step + 1, "in optimizer step", wake=stop_requested or (lambda: False)
+                    )
                     accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -280,12 +281,17 @@ def train_loop(
                 train_loss = 0.0
                 data_time = 0.0
                 micro_steps = 0
-                step_start = now
 
-                # DeepSpeed needs every process to save; otherwise only the main one writes.
-                if accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.is_main_process:
-                    if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
+                if save_checkpoint is not None and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                    save_checkpoint(global_step)  # every process: each stores its RNG state
+                    history.last_checkpoint_step = global_step
+                if stop_requested is not None and distributed.any_process(accelerator, stop_requested()):
+                    if save_checkpoint is not None and history.last_checkpoint_step != global_step:
+                        save_checkpoint(global_step)
+                        history.last_checkpoint_step = global_step
+                    history.stopped_early = True
+                    break
+                step_start = time.perf_counter()  # checkpoint writes do not count as training time
 
             progress_bar.set_postfix(
                 step_loss=f"{loss.detach().item():.4f}",
@@ -297,6 +303,8 @@ def train_loop(
             if global_step >= config.max_train_steps:
                 break
 
+        if history.stopped_early:
+            break
         if on_epoch_end is not None:
             on_epoch_end(epoch)
         if global_step >= config.max_train_steps:

@@ -36,6 +36,8 @@ class StepRecord:
 @dataclass
 class TrainingHistory:
     records: list[StepRecord] = field(default_factory=list)
+    stopped_early: bool = False  # a SIGINT/SIGTERM ended the loop before max_train_steps
+    last_checkpoint_step: int = 0  # step of the newest checkpoint holding this run's state
 
     def add(self, record: StepRecord) -> None:
         self.records.append(record)
@@ -57,6 +59,8 @@ class TrainingHistory:
             "fps": images / total if total > 0 else float("nan"),
             "fps_without_data_loading": images / compute if compute > 0 else float("nan"),
             "steps_measured": len(measured),
+            "images_measured": images,  # over all devices
+            "seconds_measured": total,
             "warmup_steps_skipped": len(self.records) - len(measured),
             "data_loading_fraction": (total - compute) / total if total > 0 else float("nan"),
         }
@@ -118,9 +122,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_summary(summary: dict[str, Any], output_dir: str | os.PathLike) -> Path:
-    path = Path(output_dir) / "summary.json"
-    path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
-    return path
+    from trainer.atomic import write_text_atomically
+
+    return write_text_atomically(Path(output_dir) / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -134,6 +138,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"train loss: final {summary['final_train_loss']:.6f}, mean {summary['mean_train_loss']:.6f}",
         f"peak memory per device (GiB, {summary['peak_memory_kind']}): {', '.join(gib)}",
         "backends: " + ", ".join(f"{op}={backend}" for op, backend in summary["backends"].items()),
+    ]
+    if summary.get("interrupted"):
+        lines.append(
+            f"interrupted by {summary['interrupted']} after step {summary.get('last_step')}: saved"
+            f" {summary.get('last_checkpoint')} and the LoRA weights; continue with --resume_from_checkpoint latest"
+        )
+    lines += [
         f"Final Performance images/sec : {summary['fps']:.2f}",
         f"Final Train Loss : {summary['final_train_loss']:.6f}",
     ]

@@ -18,15 +18,18 @@ import argparse
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from trainer import data, models
+from trainer import caching, checkpointing, data, distributed, models, preflight, sampling
 from trainer.args import parse_args, tracker_config
-from trainer.loop import LoopConfig, StepContext, num_update_steps, resume, train_loop
+from trainer.guards import TrainingAborted, check_weights
+from trainer.interrupts import GracefulStop
+from trainer.loop import LoopConfig, StepContext, num_update_steps, train_loop
 from trainer.metrics import build_summary, format_summary, peak_memory_bytes, plot_loss_curve, write_summary
 from trainer.validation import generate_images, save_and_log
 
@@ -104,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     args = parse_args(argv)
     _check_args(args)
+    # Bad flags, model folders and datasets raise preflight.InputError here, before anything is written.
+    preflight.run(args)
+    caching.check_flags(args)
+    # torchrun / accelerate launch on a machine without an accelerator: gloo on CPU (needs the environment
+    # set before the Accelerator exists).
+    distributed.prepare_launch_environment()
 
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -115,12 +124,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     _configure_logging(accelerator)
     _limit_cpu_threads(args, accelerator.device)
+    distributed.configure_device(accelerator.device)
     if args.seed is not None:
         set_seed(args.seed)
 
     repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        checkpointing.remove_stale_files(args.output_dir)  # partial checkpoints of a killed run
         if args.push_to_hub:
             from huggingface_hub import create_repo
 
@@ -141,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return model._orig_mod if is_compiled_module(model) else model
 
     models.register_checkpoint_hooks(accelerator, components, args, unwrap)
+    checkpointing.install_test_pause_hook(accelerator)  # test-only; inert unless its variable is set
     if args.gradient_checkpointing:
         models.enable_gradient_checkpointing(components, args.train_text_encoder)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -158,7 +170,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_dataset = data.build_train_dataset(
         args, components.tokenizer_one, components.tokenizer_two, accelerator.main_process_first
     )
-    train_dataloader = data.build_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers)
+    # Every process reads the same (shared) output directory, so all find the same checkpoint.
+    resume_from = checkpointing.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    data_seed = _data_seed(args, accelerator, resume_from)
+    training_data = caching.prepare(args, train_dataset, components, accelerator)
+    train_dataloader, sampler = sampling.build_dataloader(
+        training_data.dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, training_data.collate_fn
+    )
+    skipped_images = data.SkippedImages()  # --on_bad_image skip: filled from the batches, see train_loop
 
     # ------------------------------------------------------------------ schedule
     overrode_max_train_steps = args.max_train_steps is None
@@ -200,7 +219,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     logger.info(f"  Kernels = {args.kernels} {components.kernels_report}")
 
-    initial_global_step, first_epoch = resume(accelerator, args, updates_per_epoch)
+    def trainer_state(step: int) -> checkpointing.TrainerState:
+        return checkpointing.TrainerState(
+            step, data_seed, accelerator.num_processes, args.train_batch_size, args.gradient_accumulation_steps
+        )
+
+    resume_point = checkpointing.load(accelerator, resume_from, updates_per_epoch, trainer_state(0)) if resume_from else None
+    initial_global_step = resume_point.global_step if resume_point else 0
+    first_epoch = resume_point.first_epoch if resume_point else 0
     progress_bar = tqdm(
         range(0, args.max_train_steps),
         initial=initial_global_step,
@@ -214,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def validate(epoch: int) -> None:
         if not (accelerator.is_main_process and args.all_validation_prompts and epoch % args.validation_epochs == 0):
             return
+        # Validation draws random numbers: isolated, so a resumed run's training draws stay identical.
+        with sampling.isolated_global_rngs():
+            run_validation(epoch)
+
+    def run_validation(epoch: int) -> None:
         from diffusers import StableDiffusionXLPipeline
 
         logger.info(
@@ -242,59 +273,93 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         validation_paths.extend(str(p) for p in paths)
         del pipeline
 
-    history = train_loop(
-        accelerator,
-        LoopConfig(
-            max_train_steps=args.max_train_steps,
-            num_train_epochs=args.num_train_epochs,
-            first_epoch=first_epoch,
-            initial_global_step=initial_global_step,
-            images_per_micro_step=args.train_batch_size * accelerator.num_processes,
-            train_batch_size=args.train_batch_size,
-            max_grad_norm=args.max_grad_norm,
-            checkpointing_steps=args.checkpointing_steps,
-            checkpoints_total_limit=args.checkpoints_total_limit,
-            output_dir=args.output_dir,
-            debug_loss=args.debug_loss,
-        ),
-        StepContext(
-            unet=unet,
-            vae=components.vae,
-            text_encoders=[text_encoder_one, text_encoder_two],
-            noise_scheduler=_with_prediction_type(components.noise_scheduler, args.prediction_type),
-            weight_dtype=components.weight_dtype,
-            separate_vae=args.pretrained_vae_model_name_or_path is not None,
-            resolution=args.resolution,
-            noise_offset=args.noise_offset,
-            snr_gamma=args.snr_gamma,
-            device=accelerator.device,
-        ),
-        trainable_modules,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        params_to_optimize,
-        progress_bar,
-        on_epoch_end=validate,
-    )
-    progress_bar.close()
-    training_time = time.perf_counter() - started
+    def save_checkpoint(step: int) -> None:
+        """Called by every process; refuses to write weights that are already NaN/inf."""
+        check_weights(params_to_optimize, step, f"checkpoint-{step}")
+        checkpointing.save_checkpoint(accelerator, args.output_dir, trainer_state(step), args.checkpoints_total_limit)
 
-    # ------------------------------------------------------------------ outputs
-    peak, memory_kind = peak_memory_bytes(accelerator.device)
-    peaks = accelerator.gather(torch.tensor([peak], device=accelerator.device, dtype=torch.int64)).tolist()
-    accelerator.wait_for_everyone()
+    loop_config = LoopConfig(
+        max_train_steps=args.max_train_steps,
+        num_train_epochs=args.num_train_epochs,
+        first_epoch=first_epoch,
+        initial_global_step=initial_global_step,
+        images_per_micro_step=args.train_batch_size * accelerator.num_processes,
+        train_batch_size=args.train_batch_size,
+        max_grad_norm=args.max_grad_norm,
+        checkpointing_steps=args.checkpointing_steps,
+        debug_loss=args.debug_loss,
+        skip_batches=resume_point.skip_batches if resume_point else 0,
+    )
+    step_context = StepContext(
+        unet=unet,
+        vae=components.vae,
+        text_encoders=[text_encoder_one, text_encoder_two],
+        noise_scheduler=_with_prediction_type(components.noise_scheduler, args.prediction_type),
+        weight_dtype=components.weight_dtype,
+        separate_vae=args.pretrained_vae_model_name_or_path is not None,
+        resolution=args.resolution,
+        noise_offset=args.noise_offset,
+        snr_gamma=args.snr_gamma,
+        device=accelerator.device,
+    )
+    # From here on SIGINT/SIGTERM finish the current step, save a checkpoint and the LoRA, and exit 0.
+    # The handlers stay until the LoRA file is written.
+    stop = GracefulStop().install()
+    try:
+        history = train_loop(
+            accelerator,
+            loop_config,
+            step_context,
+            trainable_modules,
+            optimizer,
+            lr_scheduler,
+            train_dataloader,
+            params_to_optimize,
+            progress_bar,
+            on_epoch_end=validate,
+            on_batch=skipped_images.record,
+            save_checkpoint=save_checkpoint,
+            stop_requested=lambda: stop.requested,
+            set_epoch=sampler.set_epoch,
+        )
+        progress_bar.close()
+        training_time = time.perf_counter() - started
+        final_step = history.records[-1].step if history.records else initial_global_step
+        interrupted = stop.signal_name or ("a signal to another process" if history.stopped_early else None)
+
+        # ------------------------------------------------------------------ outputs
+        peak, memory_kind = peak_memory_bytes(accelerator.device)
+        peaks = accelerator.gather(torch.tensor([peak], device=accelerator.device, dtype=torch.int64)).tolist()
+        bad_images = _gather_skipped_images(skipped_images)
+        # DDP keeps the LoRA weights bit-identical on every process; the summary shows that it did.
+        digests = distributed.gather_digests(accelerator, distributed.parameters_digest(params_to_optimize))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            check_weights(params_to_optimize, final_step, checkpointing.LORA_FILE)
+            _save_lora_weights(
+                Path(args.output_dir),
+                unwrap(unet),
+                unwrap(text_encoder_one) if args.train_text_encoder else None,
+                unwrap(text_encoder_two) if args.train_text_encoder else None,
+            )
+    except TrainingAborted:
+        stop.restore()
+        accelerator.end_training()  # flush the trackers: the curve up to the fault is kept
+        raise
+    finally:
+        stop.restore()  # the LoRA is on disk: a signal during final inference ends the process as usual
+
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
-        models.save_lora_weights(
-            str(output_dir),
-            unwrap(unet),
-            unwrap(text_encoder_one) if args.train_text_encoder else None,
-            unwrap(text_encoder_two) if args.train_text_encoder else None,
-        )
-        final_paths = _final_inference(args, accelerator, components, autocast_dtype, output_dir)
+        if len(set(digests)) > 1:
+            logger.warning(f"The LoRA weights differ between processes (digests {digests}): DDP did not keep them in sync.")
+        if interrupted:
+            logger.warning(f"Stopped by {interrupted} after step {final_step}; resume with --resume_from_checkpoint latest.")
+        # An interrupted run exits promptly: no final images, no upload of an unfinished LoRA.
+        final_paths = [] if interrupted else _final_inference(args, accelerator, components, autocast_dtype, output_dir)
         loss_curve = plot_loss_curve(history.losses, output_dir / "loss_curve.png") if history.records else None
+        last_checkpoint = checkpointing.latest_checkpoint(output_dir)
         summary = build_summary(
             history,
             global_batch=total_batch_size,
@@ -309,21 +374,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "embedded_default": bool(args.embedded_model),
                 "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
                 "dataset": args.dataset_name or args.train_data_dir,
-                "lora_weights": str(output_dir / "pytorch_lora_weights.safetensors"),
+                "lora_weights": str(output_dir / checkpointing.LORA_FILE),
                 "validation_images": validation_paths + final_paths,
                 "loss_curve": str(loss_curve) if loss_curve else None,
                 "tensorboard_dir": str(logging_dir / TRACKER_PROJECT) if accelerator.log_with else None,
                 "torch_threads": torch.get_num_threads(),
+                "bad_images_skipped": len(bad_images),  # --on_bad_image skip: distinct rows, all devices
+                "bad_images": bad_images,
+                "first_step": initial_global_step,
+                "last_step": final_step,
+                "resumed_from": str(resume_from) if resume_from else None,
+                "interrupted": interrupted,  # the signal that stopped the run early, else None
+                "last_checkpoint": str(output_dir / last_checkpoint) if last_checkpoint else None,
+                "data_seed": data_seed,
+                "cache": training_data.report,
+                "lora_digest_per_rank": digests,
                 "training_wall_time_s": training_time,
                 "total_wall_time_s": time.perf_counter() - started,
             },
         )
         write_summary(summary, output_dir)
         print(format_summary(summary), flush=True)
-        if args.push_to_hub and repo_id is not None:
+        if bad_images:  # the total, after the per-image warnings scrolled by
+            logger.warning(f"{len(bad_images)} unreadable image(s) skipped (--on_bad_image skip); listed in summary.json")
+        if args.push_to_hub and repo_id is not None and not interrupted:
             _push_to_hub(args, repo_id, final_paths)
     accelerator.end_training()
     return summary
+
+
+def _data_seed(args: argparse.Namespace, accelerator: Any, resume_from: Path | None) -> int:
+    """Seed of the data order and augmentations (trainer.sampling): the checkpoint's when resuming, else
+    ``--seed``, else a random one chosen by the main process (every process must use the same)."""
+    saved = checkpointing.TrainerState.read(resume_from) if resume_from else None
+    if saved is not None:
+        return saved.data_seed
+    if args.seed is not None:
+        return int(args.seed)
+    import secrets
+
+    return distributed.broadcast_int(accelerator, secrets.randbits(62))
+
+
+def _save_lora_weights(output_dir: Path, unet: Any, text_encoder_one: Any, text_encoder_two: Any) -> None:
+    """``pytorch_lora_weights.safetensors`` as diffusers writes it, replacing any previous file atomically."""
+    from trainer.atomic import replace_files
+
+    replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unet, text_encoder_one, text_encoder_two))
+
+
+def _gather_skipped_images(skipped: data.SkippedImages) -> list[str]:
+    """The bad images every process skipped, each once (all processes must call this)."""
+    from accelerate.utils import gather_object
+
+    return sorted(set(gather_object(list(skipped.problems))))
 
 
 def _build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -422,5 +526,33 @@ def _push_to_hub(args: argparse.Namespace, repo_id: str, image_paths: list[str])
     )
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainer.sdxl_lora``: :func:`main`, with a bad input reported as one line.
+
+    A :class:`~trainer.preflight.InputError` (bad flag, file, column or image) prints
+    ``error: <what and where>`` on stderr and returns exit status 2, with no traceback; ``main(argv)``
+    itself raises it, for callers and tests.
+    """
+    try:
+        main(argv)
+    except preflight.InputError as error:
+        _close_progress_bars()
+        print(f"error: {preflight.one_line(error)}", file=sys.stderr, flush=True)
+        return preflight.EXIT_STATUS
+    except TrainingAborted as error:  # e.g. a non-finite loss: nothing of the failed step was saved
+        _close_progress_bars()
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _close_progress_bars() -> None:
+    """End an open tqdm bar's line (an image error stops the run mid-bar), so the error starts its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # the registry tqdm itself iterates this way
+        bar.close()
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,0 +1,117 @@
+"""Helpers of the trainer's scale and fault tests: tiny runs of ``python -m trainer.sdxl_lora`` in a
+subprocess (to launch, signal or kill them) and comparisons of their outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from trainer.testing_hooks import MARKER
+
+REPO = Path(__file__).resolve().parents[1]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+#: A run of a few seconds: embedded model and dataset, 8 samples in batches of 2 (4 steps per epoch, so
+#: 6 steps cross an epoch boundary), random flip and random crop on (the embedded defaults), seed 42.
+TINY = [
+    "--max_train_samples", "8", "--train_batch_size", "2", "--max_train_steps", "6",
+    "--num_validation_images", "0", "--report_to", "none",
+]  # fmt: skip
+
+
+def trainer_env(cache: Path, **extra: str) -> dict[str, str]:
+    """The test process's environment for a trainer subprocess: shared asset cache, no stray test hooks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPU_KERNELS_TEST_")}
+    env["NPU_KERNELS_CACHE"] = str(cache)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_trainer(argv: Sequence[str], cache: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m trainer.sdxl_lora argv`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.sdxl_lora", *argv],
+        cwd=REPO, env=trainer_env(cache, **env), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+class BackgroundRun:
+    """A trainer subprocess whose stderr goes to a file, so the test can wait for a test-hook line."""
+
+    def __init__(self, argv: Sequence[str], cache: Path, log_dir: Path, **env: str) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+        self._stdout, self._stderr = open(self.stdout_path, "w"), open(self.stderr_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trainer.sdxl_lora", *argv],
+            cwd=REPO, env=trainer_env(cache, **env), stdout=self._stdout, stderr=self._stderr,
+            start_new_session=True,  # its own process group: signal it and its dataloader workers together
+        )  # fmt: skip
+
+    def wait_for_hook(self, timeout: float = 180) -> str:
+        """Block until the test hook announced itself; return its line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr_path.read_text(errors="replace").splitlines():
+                if MARKER in line:
+                    return line
+            if self.process.poll() is not None:
+                raise AssertionError(f"trainer exited ({self.process.returncode}) before its test hook:\n{self.stderr()[-3000:]}")
+            time.sleep(0.05)
+        self.process.kill()
+        raise AssertionError(f"no test hook within {timeout} s:\n{self.stderr()[-3000:]}")
+
+    def send(self, signum: int, group: bool = False) -> None:
+        """``signum`` to the trainer, or (``group``) to it and its children, as Ctrl-C or SLURM do."""
+        if group:
+            os.killpg(self.process.pid, signum)
+        else:
+            os.kill(self.process.pid, signum)
+
+    def kill(self) -> None:
+        self.send(signal.SIGKILL)
+        self.process.wait(timeout=60)
+        self._close()
+
+    def wait(self, timeout: float = 180) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._close()
+        return code
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def _close(self) -> None:
+        self._stdout.close()
+        self._stderr.close()
+
+
+def summary(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def file_digests(root: Path) -> dict[str, tuple[str, int]]:
+    """Relative path -> (sha256, mtime_ns) of every file below ``root``."""
+    return {
+        str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def lora_bytes(output_dir: Path) -> bytes:
+    """The tensors of the LoRA file (safetensors' header also stores metadata, compared separately)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(output_dir / LORA_FILE)
+    return b"".join(key.encode() + tensors[key].numpy().tobytes() for key in sorted(tensors))

@@ -1,0 +1,252 @@
+"""Checkpoints: ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint``.
+
+A checkpoint is ``accelerator.save_state`` (LoRA layers in the diffusers format through the hooks of
+:func:`trainer.models.register_checkpoint_hooks`, optimizer, LR scheduler, grad scaler, every process's
+RNG states) plus ``trainer_state.json`` (step, data seed, process count, batch size), as diffusers lays
+it out, with two guarantees diffusers' script does not give:
+
+* **Atomic.** Every process writes into ``.checkpoint-<step>.partial``; once all are done the main
+  process renames it to ``checkpoint-<step>``. A run killed mid-write (even SIGKILL) leaves only the
+  hidden partial directory, which is ignored and cleaned up by the next run. Pruning renames before it
+  deletes, so a checkpoint never disappears half-way either.
+* **Resumable exactly.** With the data seed and the step, :mod:`trainer.sampling` reproduces the data
+  order and augmentations, and the restored RNG states the noise and timesteps: a resumed run ends at
+  the same LoRA weights as an uninterrupted one.
+
+``--resume_from_checkpoint latest`` takes the newest *complete* checkpoint (one holding every file
+listed by :func:`missing_files`); incomplete ``checkpoint-*`` directories (e.g. from a run of an older
+version killed mid-save) are skipped with a warning.
+
+Multi-node: ``--output_dir`` must be on a filesystem all nodes share (each process writes its own RNG
+state into the checkpoint, and every process reads the checkpoint when resuming).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from trainer import atomic, testing_hooks
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STAGING_PREFIX = ".checkpoint-"  # .checkpoint-<step>.partial (being written), .checkpoint-<step>.old (being removed)
+STATE_FILE = "trainer_state.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# What accelerate's save_state writes for this trainer (the model itself is replaced by the LoRA file).
+REQUIRED_FILES = (LORA_FILE, "optimizer.bin", "scheduler.bin")
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_STAGING_NAME = re.compile(r"^\.checkpoint-(\d+)\.partial$")
+
+
+@dataclass
+class TrainerState:
+    """What ``trainer_state.json`` records next to accelerate's files."""
+
+    global_step: int
+    data_seed: int
+    num_processes: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "TrainerState | None":
+        path = checkpoint / STATE_FILE
+        if not path.is_file():
+            return None  # e.g. a checkpoint of diffusers' own script
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{f.name: int(raw[f.name]) for f in fields(cls)})
+
+
+# ----------------------------------------------------------------------------- listing
+def checkpoint_step(name: str) -> int | None:
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """``checkpoint-<step>`` directories in ``output_dir`` (complete or not), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if checkpoint_step(n) is not None and os.path.isdir(os.path.join(output_dir, n))]
+    return sorted(names, key=lambda name: checkpoint_step(name) or 0)
+
+
+def missing_files(checkpoint: str | os.PathLike) -> list[str]:
+    """Files a resumable checkpoint must hold that ``checkpoint`` lacks (empty: complete)."""
+    path = Path(checkpoint)
+    required = list(REQUIRED_FILES)
+    state = None
+    try:
+        state = TrainerState.read(path)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        required.append(STATE_FILE)  # present but unreadable: torn
+    processes = state.num_processes if state is not None else 1
+    required += [f"random_states_{rank}.pkl" for rank in range(processes)]
+    return [name for name in required if not (path / name).is_file()]
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    return [name for name in list_checkpoints(output_dir) if not missing_files(Path(output_dir, name))]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Name of the newest complete checkpoint, warning about newer incomplete ones it skips."""
+    for name in reversed(list_checkpoints(output_dir)):
+        missing = missing_files(Path(output_dir, name))
+        if not missing:
+            return name
+        logger.warning(f"Skipping incomplete checkpoint {name} (missing {', '.join(missing)}).")
+    return None
+
+
+# ----------------------------------------------------------------------------- saving
+def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, state: TrainerState, total_limit: int | None) -> Path:
+    """Write ``checkpoint-<state.global_step>`` atomically, then prune to ``total_limit``.
+
+    Called by every process (each saves its RNG state; the main process the rest).
+    """
+    output = Path(output_dir)
+    final = output / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    staging = output / f"{STAGING_PREFIX}{state.global_step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        atomic.write_text_atomically(staging / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+    accelerator.wait_for_everyone()  # every process's files are in the staging directory
+    if accelerator.is_main_process:
+        atomic.publish_directory(staging, final)
+        logger.info(f"Saved state to {final}")
+        prune(output, total_limit)
+    accelerator.wait_for_everyone()  # nobody races ahead to a resume/prune while the rename is pending
+    return final
+
+
+def prune(output_dir: str | os.PathLike, total_limit: int | None) -> list[str]:
+    """Keep the newest ``total_limit`` complete checkpoints; older ones are removed (renamed first)."""
+    if total_limit is None or total_limit < 1:
+        return []
+    complete = complete_checkpoints(output_dir)
+    removing = complete[: max(0, len(complete) - total_limit)]
+    if removing:
+        logger.info(f"{len(complete)} checkpoints exist, keeping {total_limit}; removing {', '.join(removing)}")
+    for name in removing:
+        doomed = Path(output_dir, f"{STAGING_PREFIX}{checkpoint_step(name)}.old")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(Path(output_dir, name), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removing
+
+
+def remove_stale_files(output_dir: str | os.PathLike) -> list[str]:
+    """Delete what killed writes left behind (partial checkpoints, half-removed ones, LoRA temp dirs).
+
+    Main process only, before training starts.
+    """
+    removed = atomic.remove_stale(output_dir, (STAGING_PREFIX, ".tmp-"))
+    if removed:
+        logger.info(f"Removed leftovers of an interrupted run: {', '.join(sorted(removed))}")
+    return removed
+
+
+# ----------------------------------------------------------------------------- resuming
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: ``skip_batches`` batches of ``first_epoch`` were already used."""
+
+    checkpoint: Path
+    global_step: int
+    first_epoch: int
+    skip_batches: int
+
+
+def find_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint`` designates, or None to start afresh.
+
+    ``latest``: the newest complete checkpoint in ``output_dir``. A path: that directory if it exists,
+    else (as diffusers) ``output_dir/<its basename>``; a missing one starts a new run, as in diffusers,
+    but an incomplete one is an error rather than a silently different run.
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        name = latest_checkpoint(output_dir)
+        if name is None:
+            logger.warning(f"No complete checkpoint in {output_dir}: starting a new training run.")
+            return None
+        return Path(output_dir, name)
+    path = Path(resume_from)
+    if not path.is_dir():
+        path = Path(output_dir, os.path.basename(resume_from.rstrip("/")))
+    if not path.is_dir():
+        logger.warning(f"Checkpoint '{resume_from}' does not exist. Starting a new training run.")
+        return None
+    missing = missing_files(path)
+    if missing:
+        from trainer.preflight import InputError  # a bad --resume_from_checkpoint: one line, exit status 2
+
+        raise InputError(
+            f"Checkpoint {path} is incomplete (missing {', '.join(missing)}): it was probably being written when"
+            " the run was killed. Resume from an earlier one, or use --resume_from_checkpoint latest."
+        )
+    return path
+
+
+def checkpoint_global_step(checkpoint: Path) -> int:
+    state = TrainerState.read(checkpoint)
+    if state is not None:
+        return state.global_step
+    step = checkpoint_step(checkpoint.name)
+    if step is None:
+        raise ValueError(f"Cannot tell the step of checkpoint {checkpoint}: no {STATE_FILE} and not named checkpoint-<step>.")
+    return step
+
+
+def load(accelerator: Any, checkpoint: Path, updates_per_epoch: int, current: TrainerState) -> ResumePoint:
+    """``accelerator.load_state`` and the position in the data to continue from."""
+    accelerator.print(f"Resuming from checkpoint {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    global_step = checkpoint_global_step(checkpoint)
+    saved = TrainerState.read(checkpoint)
+    if saved is not None:
+        changed = [
+            f"{name} {getattr(saved, name)} -> {getattr(current, name)}"
+            for name in ("num_processes", "train_batch_size", "gradient_accumulation_steps")
+            if getattr(saved, name) != getattr(current, name)
+        ]
+        if changed:
+            logger.warning(
+                f"Resuming with a different setup ({'; '.join(changed)}): training continues, but the data order"
+                " is not the one the interrupted run would have seen."
+            )
+    return ResumePoint(
+        checkpoint=checkpoint,
+        global_step=global_step,
+        first_epoch=global_step // updates_per_epoch,
+        skip_batches=(global_step % updates_per_epoch) * current.gradient_accumulation_steps,
+    )
+
+
+# ----------------------------------------------------------------------------- test hook
+def install_test_pause_hook(accelerator: Any) -> None:
+    """``$NPU_KERNELS_TEST_PAUSE_IN_CHECKPOINT_WRITE``: pause inside save_state, after the LoRA hook (registered
+    earlier) wrote its file and before accelerate writes the optimizer and RNG states. Test-only."""
+    if not testing_hooks.checkpoint_write_pause_enabled():
+        return
+
+    def pause_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        match = _STAGING_NAME.match(Path(output_dir).name)
+        if match and accelerator.is_main_process:
+            testing_hooks.pause(testing_hooks.PAUSE_IN_CHECKPOINT_WRITE, int(match.group(1)), "writing checkpoint")
+
+    accelerator.register_save_state_pre_hook(pause_hook)

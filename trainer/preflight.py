@@ -1,0 +1,417 @@
+"""Preflight: every input problem that can be found without training, found before anything is written.
+
+``python -m trainer.sdxl_lora`` calls :func:`run` right after parsing its flags, before the accelerator is
+created, the output directory made or a model loaded. Each check raises :class:`InputError` with one line
+that names the flag, file or column and says what was expected; the CLI (``trainer.sdxl_lora.cli``)
+prints it as ``error: <line>`` and exits with status 2, so a bad launch costs seconds and leaves the
+output directory as it was.
+
+What is checked:
+
+* flags: ``--resolution`` (a positive multiple of 8), ``--mixed_precision`` against the device,
+  ``--output_dir`` / ``--logging_dir`` (creatable and writable), ``--resume_from_checkpoint`` (exists);
+* the model: a local ``--pretrained_model_name_or_path`` has every SDXL subfolder with its config and
+  weights; a local ``--vae_name`` is a diffusers ``AutoencoderKL``;
+* the dataset: it exists and has rows, ``--image_column`` / ``--caption_column`` exist and hold images /
+  captions, and no caption is missing (``None``) or an empty list.
+
+Hub ids (``stabilityai/...``) are not looked up: that needs the network, and ``from_pretrained`` /
+``load_dataset`` report their own errors. Unreadable images can only be found while reading them; see
+``trainer.data.BadImageGuard`` and ``--on_bad_image``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+EXIT_STATUS = 2  # what argparse uses for a bad command line
+
+# Columns of the embedded shapes dataset (trainer.embedded_default.write_parquet_dataset): checked
+# without generating or loading it.
+EMBEDDED_DATASET_COLUMNS = ("image", "text")
+
+# Subfolders of an SDXL pipeline in diffusers layout, and the file each must hold (None: any file).
+MODEL_SUBFOLDERS: dict[str, str | None] = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
+    "tokenizer": None,
+    "tokenizer_2": None,
+    "scheduler": "scheduler_config.json",
+}
+WEIGHTED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+VAE_CLASSES = ("AutoencoderKL",)  # what models.load_components loads --vae_name as
+MAX_ROWS_LISTED = 5
+
+
+class InputError(ValueError):
+    """A bad flag, file, column or image, described in one line (printed as ``error: ...``, exit status 2)."""
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every preflight check, in the order a user would fix them: flags, model, dataset."""
+    check_flags(args)
+    check_model(args)
+    check_dataset(args)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` as one line.
+
+    An error raised in a DataLoader worker comes back re-raised with the worker's traceback in its
+    message ("Caught InputError in DataLoader worker process 0. Original Traceback ..."); its last line
+    holds the original message.
+    """
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- flags
+def check_flags(args: argparse.Namespace) -> None:
+    check_resolution(args.resolution)
+    check_on_bad_image(getattr(args, "on_bad_image", "skip"))
+    requested, source = effective_mixed_precision(args.mixed_precision)
+    check_mixed_precision(requested, source, training_device_type(), bf16_supported)
+    check_output_dir(args.output_dir, "--output_dir")
+    if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
+        check_output_dir(args.logging_dir, "--logging_dir")
+    check_resume(args.resume_from_checkpoint, args.output_dir)
+
+
+def check_resolution(resolution: int) -> None:
+    # The VAE downsamples by 8: other sizes give latents that do not map back onto the pixels.
+    if resolution <= 0 or resolution % 8:
+        raise InputError(f"--resolution {resolution} is not a positive multiple of 8 (e.g. {max(8, resolution // 8 * 8)})")
+
+
+def check_on_bad_image(policy: str) -> None:
+    if policy not in ("skip", "fail"):  # argparse's choices already refuse others; here for main(argv) users
+        raise InputError(f"--on_bad_image {policy!r}: expected 'skip' or 'fail'")
+
+
+def effective_mixed_precision(flag: str | None) -> tuple[str, str]:
+    """(precision, where it came from): the flag, else accelerate's config/launcher environment variable."""
+    if flag is not None:
+        return flag, f"--mixed_precision {flag}"
+    from_env = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return from_env, f"ACCELERATE_MIXED_PRECISION={from_env} (accelerate config)"
+
+
+def training_device_type() -> str:
+    """The device type accelerate will train on ("cpu", "cuda", "npu", ...), in accelerate's order.
+
+    Asked of accelerate's availability helpers rather than of ``PartialState()``: creating that state
+    here would initialise the process group before the Accelerator's own settings could apply.
+    """
+    import torch
+    import accelerate.utils as accelerate_utils
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "cpu"
+    for device_type in ("mps", "mlu", "sdaa", "musa", "npu", "hpu"):
+        available = getattr(accelerate_utils, f"is_{device_type}_available", None)
+        if available is not None and available():
+            return device_type
+    if torch.cuda.is_available():
+        return "cuda"
+    is_xpu = getattr(accelerate_utils, "is_xpu_available", None)
+    return "xpu" if is_xpu is not None and is_xpu() else "cpu"
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether ``device_type`` trains in bfloat16 (CPU autocast does; older GPUs and NPUs may not)."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    npu = getattr(torch, "npu", None)
+    if device_type == "npu" and npu is not None and hasattr(npu, "is_bf16_supported"):
+        return bool(npu.is_bf16_supported())
+    if device_type == "mps":
+        return False  # also refused by trainer.sdxl_lora._check_args
+    return True
+
+
+def check_mixed_precision(requested: str, source: str, device_type: str, bf16_ok: Callable[[str], bool] = bf16_supported) -> None:
+    """fp16 needs an accelerator (accelerate refuses it on CPU); bf16 a device that has it."""
+    if requested == "fp16" and device_type == "cpu":
+        raise InputError(f"{source}: fp16 needs a GPU or NPU and this run trains on the cpu; use bf16 or no")
+    if requested == "bf16" and not bf16_ok(device_type):
+        raise InputError(f"{source}: this {device_type} device does not support bfloat16; use fp16 or no")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` is a directory or can be made one, and is writable (checked without writing anything)."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{flag} {path} exists and is not a directory")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path} is not writable (no write permission on {existing})")
+
+
+def check_resume(value: str | None, output_dir: str) -> None:
+    """A named checkpoint must exist: as given, or as ``<output_dir>/<name>`` where diffusers looks.
+
+    ``latest`` with no checkpoint yet is fine (diffusers then starts a new run): restart scripts pass it
+    from the first launch on.
+    """
+    if not value or value == "latest":
+        return
+    name = os.path.basename(value.rstrip("/\\"))
+    if os.path.isdir(value) or os.path.isdir(os.path.join(output_dir, name)):
+        return
+    existing = _checkpoints(output_dir)
+    found = f"checkpoints in {output_dir}: {', '.join(existing)}" if existing else f"no checkpoints in {output_dir}"
+    raise InputError(f"--resume_from_checkpoint {value} does not exist ({found})")
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
+    return sorted(names, key=lambda n: int(n.split("-", 1)[1]))
+
+
+# ----------------------------------------------------------------------------- model
+def looks_local(name: str) -> bool:
+    """Whether a model/dataset name means a local path rather than a hub id (``owner/name``)."""
+    if os.path.exists(name):
+        return True
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model(args: argparse.Namespace) -> None:
+    vae = args.pretrained_vae_model_name_or_path
+    if not getattr(args, "embedded_model", False) and args.pretrained_model_name_or_path and looks_local(args.pretrained_model_name_or_path):
+        # Validation builds the whole pipeline, which needs model_index.json; training alone does not.
+        need_index = bool(getattr(args, "all_validation_prompts", None)) and args.num_validation_images > 0
+        check_model_dir(args.pretrained_model_name_or_path, need_vae=vae is None, need_model_index=need_index)
+    if vae is not None and looks_local(vae):
+        check_vae_dir(vae)
+
+
+def check_model_dir(path: str, need_vae: bool = True, need_model_index: bool = False) -> None:
+    """An SDXL pipeline in diffusers layout: every subfolder with its config, the models with weights."""
+    flag = "--pretrained_model_name_or_path"
+    root = Path(path).expanduser()
+    _require_directory(root, flag, path)
+    layout = ", ".join(f"{name}/" for name in MODEL_SUBFOLDERS)
+    for sub, required_file in MODEL_SUBFOLDERS.items():
+        if sub == "vae" and not need_vae:
+            continue
+        folder = root / sub
+        if not folder.is_dir():
+            raise InputError(f"{flag} {path} has no {sub}/ folder (an SDXL pipeline in diffusers layout has {layout})")
+        if required_file is not None and not (folder / required_file).is_file():
+            raise InputError(f"{flag} {path}: {sub}/ has no {required_file}")
+        if required_file is None and not any(folder.iterdir()):
+            raise InputError(f"{flag} {path}: {sub}/ is empty")
+        if required_file is not None:
+            _read_config(folder / required_file, flag)
+        if sub in WEIGHTED_SUBFOLDERS and not _has_weights(folder):
+            raise InputError(f"{flag} {path}: {sub}/ has no weights (*.safetensors or *.bin)")
+    if need_model_index and not (root / "model_index.json").is_file():
+        raise InputError(f"{flag} {path} has no model_index.json, which validation needs to build the pipeline")
+
+
+def check_vae_dir(path: str) -> None:
+    """``--vae_name`` must be a diffusers ``AutoencoderKL`` folder, not a UNet, a pipeline or anything else."""
+    flag = "--vae_name"
+    root = Path(path).expanduser()
+    _require_directory(root, flag, path)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        if (root / "vae" / "config.json").is_file():
+            raise InputError(f"{flag} {path} is a whole pipeline, not a VAE: pass {root / 'vae'}")
+        raise InputError(f"{flag} {path} is not a VAE: it has no config.json (expected a diffusers AutoencoderKL folder)")
+    class_name = _read_config(config_path, flag).get("_class_name")
+    if class_name not in VAE_CLASSES:
+        raise InputError(f"{flag} {path} is not a VAE: its config.json has _class_name {class_name!r}, expected 'AutoencoderKL'")
+    if not _has_weights(root):
+        raise InputError(f"{flag} {path} has no weights (*.safetensors or *.bin)")
+
+
+def _require_directory(root: Path, flag: str, shown: str) -> None:
+    if not root.exists():
+        raise InputError(f"{flag} {shown}: no such directory")
+    if not root.is_dir():
+        raise InputError(f"{flag} {shown} is a file, expected a directory")
+
+
+def _read_config(path: Path, flag: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag}: {path} is not valid JSON ({one_line(error)})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{flag}: {path} is not a JSON object")
+    return config
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
+
+# ----------------------------------------------------------------------------- dataset
+def check_dataset(args: argparse.Namespace) -> Any:
+    """Load the dataset as training will and check it; returns it (None for the embedded dataset).
+
+    Loading twice costs little: ``datasets`` caches the Arrow conversion, so the training load reuses it.
+    """
+    if getattr(args, "embedded_dataset", False):
+        check_columns(EMBEDDED_DATASET_COLUMNS, args, "the embedded dataset")
+        return None
+    check_dataset_location(args.dataset_name, args.train_data_dir)
+    source = dataset_source(args)
+    dataset = load_dataset_or_explain(args, source)
+    check_columns(dataset.column_names, args, f"dataset {source}")
+    check_image_column(dataset, args.image_column, source)
+    check_captions(dataset, args.caption_column, source)
+    check_rows(len(dataset), args.max_train_samples, source)
+    return dataset
+
+
+def dataset_source(args: argparse.Namespace) -> str:
+    return str(args.dataset_name if args.dataset_name is not None else args.train_data_dir)
+
+
+def check_dataset_location(dataset_name: str | None, train_data_dir: str | None) -> None:
+    """A local ``--dataset_name`` / the ``--train_data_dir`` exists, is a directory and holds data files."""
+    if dataset_name is not None:
+        if looks_local(dataset_name):
+            _require_data_directory(dataset_name, "--dataset_name", "data files (e.g. data/*.parquet, or images with a metadata.jsonl)")
+        return
+    if train_data_dir is not None:
+        _require_data_directory(train_data_dir, "--train_data_dir", "images and a metadata.jsonl with their captions")
+
+
+def _require_data_directory(path: str, flag: str, expected: str) -> None:
+    from trainer.data import _has_data_files
+
+    root = Path(path).expanduser()
+    _require_directory(root, flag, path)
+    if not _has_data_files(str(root)):
+        raise InputError(f"{flag} {path} has no data: expected {expected}")
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Generating train split" bars before the run has started (the error must stand alone)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def load_dataset_or_explain(args: argparse.Namespace, source: str) -> Any:
+    """``trainer.data.load_train_dataset``, with "not found"/"empty" failures turned into InputError."""
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DatasetNotFoundError
+
+    from trainer.data import load_train_dataset
+
+    flag = "--dataset_name" if args.dataset_name is not None else "--train_data_dir"
+    try:
+        with _quiet_datasets():
+            return load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for a split with zero rows
+            raise InputError(f"dataset {source} has no rows") from None
+        raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
+    except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as error:
+        raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
+
+
+def check_columns(column_names: Sequence[str], args: argparse.Namespace, what: str) -> None:
+    columns = ", ".join(column_names)
+    for flag in ("image_column", "caption_column"):
+        name = getattr(args, flag)
+        if name is not None and name not in column_names:
+            raise InputError(f"{what} has no column {name!r} (--{flag}); columns: {columns}")
+
+
+def check_image_column(dataset: Any, column: str, source: str) -> None:
+    """The image column is a ``datasets.Image`` feature (parquet/imagefolder images), as diffusers needs."""
+    from datasets import Image
+
+    feature = dataset.features[column]
+    if isinstance(feature, Image):
+        return
+    raise InputError(f"dataset {source}: column {column!r} (--image_column) holds {_describe(feature)}, expected images")
+
+
+def check_captions(dataset: Any, column: str, source: str) -> None:
+    """Captions are strings or non-empty lists of strings, none missing.
+
+    An empty string is a valid caption (that image trains unconditionally, as SDXL's empty prompt); a
+    missing one (``None``) is refused rather than guessed: it is usually a broken metadata file.
+    Checked on the Arrow column, so no image is decoded.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = dataset.data.column(column)
+    kind = values.type
+    where = f"dataset {source}: caption column {column!r}"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        _refuse_rows(pc.is_null(values), where, "missing (None)", len(values))
+        return
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_text(kind.value_type):
+        _refuse_rows(pc.is_null(values), where, "missing (None)", len(values))
+        _refuse_rows(pc.equal(pc.list_value_length(values), 0), where, "an empty list", len(values))
+        if pc.list_flatten(values).null_count:
+            rows = [i for i, row in enumerate(values.to_pylist()) if row and any(c is None for c in row)]
+            raise InputError(f"{where} has None inside the caption lists of rows {_rows(rows)}")
+        return
+    raise InputError(f"{where} (--caption_column) holds {_describe(dataset.features[column])}, expected strings or lists of strings")
+
+
+def _is_text(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _refuse_rows(mask: Any, where: str, what: str, total: int) -> None:
+    import pyarrow.compute as pc
+
+    rows = pc.indices_nonzero(pc.fill_null(mask, False)).to_pylist()
+    if rows:
+        hint = '; give every row a caption ("" trains that image unconditionally)'
+        raise InputError(f"{where} is {what} in {len(rows)} of {total} rows: {_rows(rows)}{hint}")
+
+
+def _rows(rows: Sequence[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:MAX_ROWS_LISTED])
+    return shown + (f", ... ({len(rows)} in all)" if len(rows) > MAX_ROWS_LISTED else "")
+
+
+def _describe(feature: Any) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return str(dtype) if isinstance(dtype, str) and dtype != "list" else type(feature).__name__
+
+
+def check_rows(num_rows: int, max_train_samples: int | None, source: str) -> None:
+    if num_rows == 0:
+        raise InputError(f"dataset {source} has no rows")
+    if max_train_samples is not None and max_train_samples <= 0:
+        raise InputError(f"--max_train_samples {max_train_samples} leaves no rows to train on")

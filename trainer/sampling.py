@@ -1,0 +1,144 @@
+"""Deterministic data order, so that a resumed run sees exactly the batches the interrupted one would have.
+
+Two things make diffusers' ``DataLoader(shuffle=True)`` impossible to resume exactly:
+
+* the shuffle order of an epoch comes from the global torch RNG at the moment the iterator is created;
+* the random augmentations (flip, random crop, caption choice) draw from the global RNGs too,
+  interleaved with the noise and timesteps of the training step, and one batch ahead (the
+  dataloader prefetches), so the RNG state a checkpoint stores already contains the next batch's draws.
+
+Here both depend only on ``(data seed, epoch, sample index)``:
+
+* :class:`EpochShuffleSampler` draws epoch ``e``'s permutation from a generator seeded with
+  ``(seed, e)`` and yields ``(epoch, index)`` keys;
+* :class:`SeededSampleDataset` fetches each sample with Python's, NumPy's and torch's global RNGs
+  temporarily seeded from ``(seed, epoch, index)`` and then restored. The transform code itself is
+  unchanged (diffusers' ``random.random() < 0.5`` flip, ``RandomCrop.get_params``' ``torch.randint``), it
+  just draws from a per-sample stream; the training step's RNG stream is never touched by data loading.
+
+So epoch ``e`` is the same sequence of the same augmented samples whatever happened before: a fresh
+run, a resume in the middle of the epoch (the consumed batches are skipped), 0 or 8 dataloader workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from trainer.interrupts import WorkerSignals
+
+SampleKey = tuple[int, int]  # (epoch, index in the dataset)
+
+
+def derive_seed(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from integers (NumPy's SeedSequence: nearby inputs, unrelated outputs)."""
+    state = np.random.SeedSequence([int(x) & 0xFFFFFFFFFFFFFFFF for x in entropy]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's ``random``, NumPy's legacy RNG and torch's CPU generator; restore them on exit."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
+def isolated_global_rngs() -> Iterator[None]:
+    """Run a block (validation, caching) without changing the global RNG streams training draws from."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=_accelerator_devices()):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _accelerator_devices() -> list[int]:
+    # fork_rng also saves/restores the CUDA generators; NPU generators are not touched by validation's
+    # seeded torch.Generator, so CPU + CUDA is what matters.
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Shuffles ``range(num_samples)`` with a permutation that depends only on ``(seed, epoch)``.
+
+    Yields ``(epoch, index)`` so that the dataset knows which per-sample RNG stream to use, also in
+    worker processes. Accelerate shards the batches of this sampler across processes; every process
+    computes the same permutation from the same seed, so no RNG synchronisation is needed.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        epoch = self.epoch
+        return iter([(epoch, index) for index in self.permutation(epoch)])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SeededSampleDataset(torch.utils.data.Dataset):
+    """``dataset[index]`` computed under RNGs seeded from ``(seed, epoch, index)``; keys are ``(epoch, index)``."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        epoch, index = key
+        with seeded_global_rngs(derive_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+def build_dataloader(
+    dataset: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    collate_fn: Callable[[list[Any]], Any],
+) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+    """The training dataloader (shuffled, seeded, resumable) and its sampler (call ``set_epoch``)."""
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    # Its own generator: creating an iterator draws the workers' base seed from it instead of from the
+    # global torch RNG, which would shift the training step's noise after a resume.
+    generator = torch.Generator().manual_seed(derive_seed(seed, 2**31))
+    loader = torch.utils.data.DataLoader(
+        SeededSampleDataset(dataset, seed),
+        sampler=sampler,
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=generator,
+        # Workers survive a Ctrl-C / SLURM SIGTERM long enough for the main process to stop gracefully.
+        worker_init_fn=WorkerSignals() if num_workers > 0 else None,
+    )
+    return loader, sampler
