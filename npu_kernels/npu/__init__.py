@@ -133,7 +133,10 @@ def _pse_for_kernel(mask: Tensor, dtype: torch.dtype, full: tuple[int, int, int,
     ``scale * (pse + q kᵀ)``), in the query dtype, shaped 1NSS (same for every batch) or BNSS.
     Infinities are clamped to the dtype's range: they still underflow to zero probability."""
     if scale == 0:
-        raise NotImplementedError("npu attention: an additive mask with scale=0 cannot be passed as pse")
+        raise ValueError(
+            "npu attention: scale=0 with an additive mask cannot be passed as torch_npu's pse (pse/scale); "
+            "use a non-zero scale or NPU_KERNELS_BACKEND=torch"
+        )
     limits = torch.finfo(dtype)
     pse = (mask.to(torch.float32) / scale).clamp(limits.min, limits.max).to(dtype)
     batch, heads, seq_q, seq_kv = full
