@@ -16,6 +16,7 @@ import gc
 import json
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from trainer import sdxl_lora
 
@@ -60,6 +61,9 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
     summary = {}
 
     def run() -> None:
+        # accelerate keeps one process-wide state; each run here sets its own mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         summary.update(sdxl_lora.main(argv))
         gc.collect()
 
