@@ -453,9 +453,3 @@ def undecoded_with_rows(dataset: Any, image_column: str) -> Any:
     if isinstance(dataset.features[image_column], Image):
         dataset = dataset.cast_column(image_column, Image(decode=False))  # metadata only: no data rewritten
     return dataset.add_column(ROW_COLUMN, np.arange(len(dataset), dtype=np.int64))
-
-
-def build_dataloader(dataset: Any, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset, shuffle=True, collate_fn=collate_fn, batch_size=batch_size, num_workers=num_workers
-    )

@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from trainer import checkpointing
+
 EXIT_STATUS = 2  # what argparse uses for a bad command line
 
 # Columns of the embedded shapes dataset (trainer.embedded_default.write_parquet_dataset): checked
@@ -174,16 +176,9 @@ def check_resume(value: str | None, output_dir: str) -> None:
     name = os.path.basename(value.rstrip("/\\"))
     if os.path.isdir(value) or os.path.isdir(os.path.join(output_dir, name)):
         return
-    existing = _checkpoints(output_dir)
+    existing = checkpointing.list_checkpoints(output_dir)
     found = f"checkpoints in {output_dir}: {', '.join(existing)}" if existing else f"no checkpoints in {output_dir}"
     raise InputError(f"--resume_from_checkpoint {value} does not exist ({found})")
-
-
-def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
-    return sorted(names, key=lambda n: int(n.split("-", 1)[1]))
 
 
 # ----------------------------------------------------------------------------- model
