@@ -5,7 +5,8 @@
 Ratios compare each implementation with the baseline of the same group (same op, shape, dtype and
 mode; or same UNet/trainer configuration) measured in the same run: the ``stock`` (or
 ``default_flags``) implementation, or else the eager ``torch`` one (what the GPU benchmarks of
-``test_bench_triton_gpu.py`` call the stock maths). ``% of copy BW`` is the achieved bandwidth of a
+``test_bench_triton_gpu.py`` call the stock maths). The GPU benchmarks also give the GPU time
+alone, from CUDA-graph replays, and its ratio; their rates come from it. ``% of copy BW`` is the achieved bandwidth of a
 memory-bound op against the device's measured copy bandwidth, where the benchmark recorded it.
 """
 from __future__ import annotations
@@ -57,8 +58,8 @@ def render(data: dict) -> str:
     for bench in data["benchmarks"]:
         groups[bench["group"]].append(bench)
 
-    lines += ["| benchmark | impl | median | ratio vs stock/torch (speed) | images/s or GB/s or TFLOP/s | % of copy BW | saved for backward (MiB) | ratio | peak above weights (MiB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| benchmark | impl | median | ratio vs stock/torch (speed) | GPU time (CUDA graph) | ratio (graph) | images/s or GB/s or TFLOP/s | % of copy BW | saved for backward (MiB) | ratio | peak above weights (MiB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group in sorted(groups):
         rows = groups[group]
         base = _baseline(rows)
@@ -72,8 +73,12 @@ def render(data: dict) -> str:
             saved = info.get("saved_bytes")
             saved_ratio = saved / base["extra_info"]["saved_bytes"] if base and saved and base["extra_info"].get("saved_bytes") else None
             rate = info.get("images_per_s") or info.get("GB_per_s") or info.get("TFLOP_per_s")
+            graph = info.get("graph_s_per_call")
+            base_graph = base["extra_info"].get("graph_s_per_call") if base else None
+            graph_speed = base_graph / graph if graph and base_graph else None
             lines.append(
-                f"| {group} | {info.get('impl')} | {_time(median)} | {_fmt(speed, '.2f')}x | {_fmt(rate)} | "
+                f"| {group} | {info.get('impl')} | {_time(median)} | {_fmt(speed, '.2f')}x | "
+                f"{_time(graph) if graph else ''} | {_fmt(graph_speed, '.2f') + 'x' if graph_speed else ''} | {_fmt(rate)} | "
                 f"{_fmt(info.get('pct_of_copy_bw'), '.0f')} | "
                 f"{_mib(saved)} | {_fmt(saved_ratio, '.2f')} | {_mib(info.get('peak_above_weights_bytes'))} |"
             )

@@ -48,7 +48,9 @@ class _FrozenConv2d(torch.autograd.Function):
 
 def _frozen(module: nn.Module) -> bool:
     """Frozen now: checked at every call, so unfreezing a layer later just works."""
-    return torch.is_grad_enabled() and not any(p.requires_grad for p in module.parameters(recurse=False))
+    # Attribute reads, not ``parameters()``: this runs for every layer call and must stay cheap.
+    bias = module.bias
+    return torch.is_grad_enabled() and not module.weight.requires_grad and not (bias is not None and bias.requires_grad)
 
 
 def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,11 @@ Tensor = torch.Tensor
 
 
 def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
-    """The PyTorch path serves every op on every device and floating dtype."""
+    """The PyTorch path serves every op on every device and floating dtype (bool attention masks too)."""
     return [
         f"dtype {t.dtype} is not a floating point type"
         for t in tensors
-        if t is not None and not t.is_floating_point()
+        if t is not None and not (t.is_floating_point() or t.dtype == torch.bool)
     ]
 
 
@@ -51,10 +51,11 @@ def geglu_backward(grad_out: Tensor, x: Tensor, approximate: str) -> Tensor:
 
 # ------------------------------------------------------------------------------ GroupNorm + SiLU
 def _affine_for_native(param: Tensor | None, x: Tensor, fill: float) -> Tensor:
-    """Affine parameter in float32 (float64 for float64 input): ATen's GroupNorm then keeps its
-    statistics in float32 for half-precision inputs (its "mixed type" path) instead of rounding
-    them to bfloat16."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    """Affine parameter in float32 (float64 for float64 input) on the CPU: ATen's CPU GroupNorm then
+    keeps its statistics in float32 for half-precision inputs (its "mixed type" path) instead of
+    rounding them to bfloat16. Other devices' kernels want the input's dtype (CUDA accumulates in
+    float32 inside the kernel anyway)."""
+    dtype = torch.promote_types(x.dtype, torch.float32) if x.device.type == "cpu" else x.dtype
     if param is None:
         return torch.full((x.shape[1],), fill, dtype=dtype, device=x.device)
     return param.to(dtype)

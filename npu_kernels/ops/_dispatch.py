@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from npu_kernels import backends, torch_backend
+
+
+def tracing() -> bool:
+    """True under ``torch.compile``/``torch.export``: the ops then go through their torch.library
+    custom ops, opaque to the tracer and described by fake impls. Eager calls run the same kernels
+    through a plain ``torch.autograd.Function`` instead: the custom-op dispatch costs tens of
+    microseconds of host time per call, more than many GPU kernels at SDXL's batch 1 take."""
+    return torch.compiler.is_compiling()
 
 
 def kernel(backend: str, name: str) -> Callable:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import direct, kernel
+from npu_kernels.ops._dispatch import direct, kernel, tracing
 
 Tensor = torch.Tensor
 CROSS_ATTENTION_MAX_KV = 256
@@ -71,15 +71,34 @@ def _register(op: str) -> tuple:
         return dq, dk, dv, None, None, None  # masks get no gradient
 
     forward.register_autograd(grad, setup_context=setup_context)
-    return forward, backward
+
+    class Eager(torch.autograd.Function):
+        """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, attn_mask, scale, backend):
+            # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
+            output = kernel(backend, f"{_kernel_prefix(op)}_forward")(q, k, v, attn_mask, scale)
+            setup_context(ctx, (q, k, v, attn_mask, scale, backend), output)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor, _grad_lse):
+            q, k, v, attn_mask, out, lse = ctx.saved_tensors
+            dq, dk, dv = kernel(ctx.backend, f"{_kernel_prefix(op)}_backward")(
+                grad_out, q, k, v, out, lse, attn_mask, ctx.scale
+            )
+            return dq, dk, dv, None, None, None
+
+    return forward, backward, Eager
 
 
 def _kernel_prefix(op: str) -> str:
     return "attention" if op == "flash_attention" else "cross_attention"
 
 
-_flash_attention, _flash_attention_backward = _register("flash_attention")
-_cross_attention, _cross_attention_backward = _register("cross_attention")
+_flash_attention, _flash_attention_backward, _EagerFlashAttention = _register("flash_attention")
+_cross_attention, _cross_attention_backward, _EagerCrossAttention = _register("cross_attention")
 
 
 def _check(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> None:
@@ -124,8 +143,11 @@ def _attention(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | Non
     fused = direct(backend, op)
     if fused is not None:
         return fused(q, k, v, attn_mask, scale)
-    custom_op = _flash_attention if op == "flash_attention" else _cross_attention
-    return custom_op(q, k, v, _additive_mask(attn_mask, q.dtype), scale, backend)[0]
+    if tracing():
+        function = _flash_attention if op == "flash_attention" else _cross_attention
+    else:
+        function = (_EagerFlashAttention if op == "flash_attention" else _EagerCrossAttention).apply
+    return function(q, k, v, _additive_mask(attn_mask, q.dtype), scale, backend)[0]
 
 
 def flash_attention(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import direct, kernel
+from npu_kernels.ops._dispatch import direct, kernel, tracing
 
 Tensor = torch.Tensor
 _APPROXIMATIONS = ("none", "tanh")
@@ -43,6 +43,22 @@ def _backward(ctx, grad_out: Tensor):
 _geglu.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerGeglu(torch.autograd.Function):
+    """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, approximate: str, backend: str) -> Tensor:
+        # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
+        out = kernel(backend, "geglu_forward")(x, approximate)
+        _setup_context(ctx, (x, approximate, backend), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        return kernel(ctx.backend, "geglu_backward")(grad_out, x, ctx.approximate), None, None
+
+
 def geglu(x: Tensor, approximate: str = "none") -> Tensor:
     """Gated GELU of a projection output ``x[..., 2H]``: ``x[..., :H] * gelu(x[..., H:])``.
 
@@ -61,4 +77,4 @@ def geglu(x: Tensor, approximate: str = "none") -> Tensor:
     fused = direct(backend, "geglu")
     if fused is not None:
         return fused(x, approximate)
-    return _geglu(x, approximate, backend)
+    return _geglu(x, approximate, backend) if tracing() else _EagerGeglu.apply(x, approximate, backend)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import kernel
+from npu_kernels.ops._dispatch import kernel, tracing
 
 Tensor = torch.Tensor
 
@@ -88,6 +88,25 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
 _group_norm_silu.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerGroupNormSilu(torch.autograd.Function):
+    """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, backend):
+        # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
+        output = kernel(backend, "group_norm_silu_forward")(x, num_groups, weight, bias, eps)
+        _setup_context(ctx, (x, num_groups, weight, bias, eps, backend), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = kernel(ctx.backend, "group_norm_silu_backward")(
+            grad_out, x, weight, bias, mean, rstd, ctx.num_groups
+        )
+        return grad_x, None, grad_weight, grad_bias, None, None
+
+
 def group_norm_silu(
     x: Tensor,
     num_groups: int,
@@ -117,4 +136,5 @@ def group_norm_silu(
         if param is not None and param.device != x.device:
             raise ValueError(f"group_norm_silu: {name} is on {param.device} but x is on {x.device}")
     backend = backends.select("group_norm_silu", x, weight, bias)
-    return _group_norm_silu(x, num_groups, weight, bias, eps, backend)[0]
+    function = _group_norm_silu if tracing() else _EagerGroupNormSilu.apply
+    return function(x, num_groups, weight, bias, eps, backend)[0]

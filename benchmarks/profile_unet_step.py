@@ -1,0 +1,67 @@
+"""Where a LoRA step of the SDXL UNet spends its time: stock diffusers vs ``npu_kernels.optimize``.
+
+    python -m benchmarks.profile_unet_step --precision bf16 --resolution 512 [--tiny]
+
+Prints, per implementation, the step's wall time, the device time its kernels took (CUDA) and the
+ops that cost the most host time -- the numbers that say whether a step is bound by the device
+or by launching work onto it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import npu_kernels
+from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="the tiny UNet of the CI smoke run")
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = TINY_UNET_CONFIG if args.tiny else SDXL_UNET_CONFIG
+    unet = build_lora_unet(config, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    inputs = unet_inputs(config, 16 if args.tiny else args.resolution // 8, device)
+    target = torch.randn_like(inputs["sample"])
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            prediction = unet(**inputs).sample
+        F.mse_loss(prediction.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for impl in ("stock", "npu_kernels"):
+        npu_kernels.restore(unet)
+        if impl == "npu_kernels":
+            npu_kernels.optimize(unet)
+        for _ in range(2):
+            step()  # warm up: allocator, optimizer state, kernel compilation
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+        with profile(activities=activities) as prof:
+            step()
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
+        print(f"\n== {impl} ({args.precision}, {'tiny' if args.tiny else args.resolution}): "
+              f"step {wall * 1e3:.1f} ms wall" + (f", kernels {device_us / 1e3:.1f} ms on the GPU" if device_us else ""))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
