@@ -1,6 +1,6 @@
 """Where a LoRA step of the SDXL UNet spends its time: stock diffusers vs ``npu_kernels.optimize``.
 
-    python -m benchmarks.profile_unet_step --precision bf16 --resolution 512 [--tiny]
+    python -m benchmarks.profile_unet_step --precision bf16 --resolution 512 [--tiny] [--impl npu_kernels]
 
 Prints, per implementation, the step's wall time, the device time its kernels took (CUDA) and the
 ops that cost the most host time -- the numbers that say whether a step is bound by the device
@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--tiny", action="store_true", help="the tiny UNet of the CI smoke run")
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--impl", choices=("stock", "npu_kernels"), action="append",
+                        help="profile only this implementation (repeatable; default both)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +47,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for impl in ("stock", "npu_kernels"):
+    for impl in args.impl or ("stock", "npu_kernels"):
         npu_kernels.restore(unet)
         if impl == "npu_kernels":
             npu_kernels.optimize(unet)
