@@ -28,6 +28,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--resolution", type=int, default=int(os.environ.get("NPU_KERNELS_BENCH_RESOLUTION", "512")),
         help="image resolution of the full-size UNet and trainer steps (latents are resolution/8)",
     )
+    parser.addoption(
+        "--bench-rounds", type=int, default=None,
+        help="timed rounds of the UNet step (default: 10 on a GPU, 2 at full size on a CPU)",
+    )
+
+
+@pytest.fixture(scope="session")
+def bench_rounds(request: pytest.FixtureRequest) -> int | None:
+    return request.config.getoption("--bench-rounds")
 
 
 @pytest.fixture(scope="session")

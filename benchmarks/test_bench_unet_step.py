@@ -31,7 +31,7 @@ def lora_unet(request, bench_size, resolution, device):
 
 
 @pytest.mark.parametrize("impl", ["stock", "npu_kernels"])
-def test_unet_step(benchmark, lora_unet, impl, bench_size, resolution, device):
+def test_unet_step(benchmark, lora_unet, impl, bench_size, bench_rounds, resolution, device):
     precision, unet, inputs = lora_unet
     npu_kernels.restore(unet)
     report = npu_kernels.optimize(unet) if impl == "npu_kernels" else None
@@ -71,7 +71,7 @@ def test_unet_step(benchmark, lora_unet, impl, bench_size, resolution, device):
         swapped=report.as_dict() if report else None,
     )
     # A CPU step at full size takes seconds (2 rounds); a GPU step is short and gets 10.
-    rounds = 10 if device.type == "cuda" else 2 if bench_size == "full" else 1
+    rounds = bench_rounds or (10 if device.type == "cuda" else 2 if bench_size == "full" else 1)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=0)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = 1.0 / benchmark.stats.stats.median

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into the README's Markdown tables, with ratio columns.
 
-    python -m benchmarks.to_table bench.json
+    python -m benchmarks.to_table bench.json [more.json ...]
 
 Ratios compare each implementation with the baseline of the same group (same op, shape, dtype and
 mode; or same UNet/trainer configuration) measured in the same run: the ``stock`` (or
@@ -77,7 +77,7 @@ def render(data: dict) -> str:
             base_graph = base["extra_info"].get("graph_s_per_call") if base else None
             graph_speed = base_graph / graph if graph and base_graph else None
             lines.append(
-                f"| {group} | {info.get('impl')} | {_time(median)} | {_fmt(speed, '.2f')}x | "
+                f"| {group} | {info.get('impl')} | {_time(median)} | {_fmt(speed, '.2f') + 'x' if speed else ''} | "
                 f"{_time(graph) if graph else ''} | {_fmt(graph_speed, '.2f') + 'x' if graph_speed else ''} | {_fmt(rate)} | "
                 f"{_fmt(info.get('pct_of_copy_bw'), '.0f')} | "
                 f"{_mib(saved)} | {_fmt(saved_ratio, '.2f')} | {_mib(info.get('peak_above_weights_bytes'))} |"
@@ -87,10 +87,14 @@ def render(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file")
+    parser.add_argument("json_files", nargs="+", help="several files (runs on one machine) are merged")
     args = parser.parse_args()
-    with open(args.json_file) as f:
-        print(render(json.load(f)))
+    runs = []
+    for path in args.json_files:
+        with open(path) as f:
+            runs.append(json.load(f))
+    merged = dict(runs[0], benchmarks=[bench for run in runs for bench in run["benchmarks"]])
+    print(render(merged))
 
 
 if __name__ == "__main__":

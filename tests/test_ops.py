@@ -188,6 +188,34 @@ def test_opcheck(name):
     torch.library.opcheck(op, make_args())
 
 
+EAGER_PUBLIC_CALLS = {
+    "geglu": lambda x, *_: npu_kernels.geglu(x),
+    "group_norm_silu": lambda x, groups, weight, bias, eps, _: npu_kernels.group_norm_silu(x, groups, weight, bias, eps),
+    "flash_attention": lambda q, k, v, mask, scale, _: npu_kernels.flash_attention(q, k, v, mask, scale),
+    "cross_attention": lambda q, k, v, mask, scale, _: npu_kernels.cross_attention(q, k, v, mask, scale),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
+def test_eager_calls_match_the_custom_op_and_skip_its_dispatch(name):
+    # Eager calls run the kernels through an autograd.Function (cheaper per call); torch.compile
+    # sees the custom op. Both must give the same values and gradients, and an eager call must not
+    # go through the custom op.
+    op, make_args = OPCHECK_CASES[name]
+    args = make_args()
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    with torch.profiler.profile() as prof:
+        eager_out = EAGER_PUBLIC_CALLS[name](*args)
+    assert not any(e.name.startswith("npu_kernels::") for e in prof.events()), "eager call dispatched the custom op"
+    custom_out = op(*args)
+    custom_out = custom_out[0] if isinstance(custom_out, (tuple, list)) else custom_out
+    cotangent = torch.randn_like(eager_out)
+    torch.testing.assert_close(eager_out, custom_out, rtol=0, atol=0)
+    for eager_grad, custom_grad in zip(torch.autograd.grad(eager_out, leaves, cotangent),
+                                       torch.autograd.grad(custom_out, leaves, cotangent)):
+        torch.testing.assert_close(eager_grad, custom_grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("op", ["geglu", "group_norm_silu", "flash_attention"])
 def test_ops_compile_without_graph_breaks(op):
     calls = {
