@@ -15,6 +15,7 @@ Outputs in ``--output_dir``: ``pytorch_lora_weights.safetensors``, ``validation/
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -399,6 +400,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             logger.warning(f"{len(bad_images)} unreadable image(s) skipped (--on_bad_image skip); listed in summary.json")
         if args.push_to_hub and repo_id is not None and not interrupted:
             _push_to_hub(args, repo_id, final_paths)
+    # Teardown on every process: drop the DDP wrappers (each holds the process group), then meet,
+    # then destroy the group. Left to the wrappers' destructors after a peer has exited, the gloo
+    # group's teardown can hang (pytorch/pytorch#75097; seen once on the 2-process CPU test).
+    del step_context, trainable_modules
+    unet = text_encoder_one = text_encoder_two = None  # noqa: F841 -- releases the wrappers
+    accelerator.free_memory()
+    gc.collect()  # now, not at exit: a wrapper may sit in a reference cycle
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
