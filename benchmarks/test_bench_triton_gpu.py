@@ -88,18 +88,24 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
+    seconds = _median_event_seconds(lambda: dst.copy_(src), rounds=10)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * COPY_BYTES / seconds / 1e9
+
+
+def _median_event_seconds(run, rounds: int) -> float:
+    """Median device time of ``run()`` over ``rounds``, timed with CUDA events."""
     times = []
-    for _ in range(10):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dst.copy_(src)
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
     times.sort()
-    return 2 * COPY_BYTES / times[len(times) // 2] / 1e9
+    return times[len(times) // 2]
 
 
 # ------------------------------------------------------------------------------------ the maths
@@ -244,17 +250,9 @@ def _graph_seconds_per_call(step, input_sets: list) -> float:
         for i in range(ITERATIONS):
             step(*input_sets[i % len(input_sets)])
     graph.replay()
-    times = []
-    for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / ITERATIONS)
+    seconds = _median_event_seconds(graph.replay, ROUNDS) / ITERATIONS
     del graph
-    times.sort()
-    return times[len(times) // 2]
+    return seconds
 
 
 @pytest.mark.parametrize("impl", IMPLS)
