@@ -7,7 +7,7 @@ Run on a CUDA machine and print the table::
 Every op, shape, dtype (fp16, bf16) and mode (``forward``, ``forward_backward``) is timed for three
 implementations of the same maths:
 
-* ``triton``  -- the contract functions of ``npu_kernels.triton`` called directly (kernel time
+* ``triton``  -- the contract functions of ``npu_kernels.backends.triton`` called directly (kernel time
   without the custom-op / autograd plumbing);
 * ``torch``   -- the eager baseline diffusers runs: ``F.group_norm`` + ``F.silu``, ``chunk`` +
   ``F.gelu``, ``F.scaled_dot_product_attention``, with autograd for the backward;
@@ -55,7 +55,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("needs a CUDA GPU run without TRITON_INTERPRET", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not installed")
 
-import npu_kernels.triton as tk  # noqa: E402
+import npu_kernels.backends.triton as tk  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -162,7 +162,7 @@ def _triton_step(op: str, backward: bool):
                 tk.group_norm_silu_backward(grad_out, x, weight, bias, mean, rstd, GROUPS)
     else:
         forward_fn, backward_fn = {
-            "flash_attention": (tk.attention_forward, tk.attention_backward),
+            "flash_attention": (tk.flash_attention_forward, tk.flash_attention_backward),
             "cross_attention": (tk.cross_attention_forward, tk.cross_attention_backward),
         }[op]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from npu_kernels import frozen_layers
 from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
-from npu_kernels.ops.attention import CROSS_ATTENTION_MAX_KV
+from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
 
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0

@@ -1,4 +1,4 @@
-"""The Ascend NPU backend (``npu_kernels.npu``) against a stand-in ``torch_npu``, on CPU tensors.
+"""The Ascend NPU backend (``npu_kernels.backends.npu``) against a stand-in ``torch_npu``, on CPU tensors.
 
 ``tests/torch_npu_standin/torch_npu`` implements torch_npu's four fused ops in reference maths with
 the documented signatures and input checks, and records every call. These tests check that the
@@ -17,12 +17,13 @@ import pytest
 import torch
 
 import npu_kernels
-from npu_kernels import backends, torch_backend
+from npu_kernels import backends
+from npu_kernels.backends import reference as torch_path
 from tests import reference
 
 STANDIN_DIR = Path(__file__).resolve().parent / "torch_npu_standin"
 DTYPES = [torch.float32, torch.bfloat16]
-_SWAPPED_MODULES = ("torch_npu", "npu_kernels.npu")
+_SWAPPED_MODULES = ("torch_npu", "npu_kernels.backends.npu")  # and their submodules
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +33,28 @@ def env():
     current = sys.modules.get("torch_npu")
     if current is not None and not getattr(current, "IS_STANDIN", False):
         pytest.skip("the real torch_npu is imported in this process; these tests need the stand-in")
-    saved = {name: sys.modules.pop(name, None) for name in _SWAPPED_MODULES}
-    had_attr, old_attr = hasattr(npu_kernels, "npu"), getattr(npu_kernels, "npu", None)
+    swapped = [name for name in sys.modules if name == "torch_npu" or name.startswith(_SWAPPED_MODULES)]
+    saved = {name: sys.modules.pop(name) for name in swapped}
+    had_attr, old_attr = hasattr(backends, "npu"), getattr(backends, "npu", None)
     sys.path.insert(0, str(STANDIN_DIR))
     backends.reset_cache()
     try:
         torch_npu = importlib.import_module("torch_npu")
         assert getattr(torch_npu, "IS_STANDIN", False), "the real torch_npu was imported instead of the stand-in"
         assert Path(torch_npu.__file__).resolve().parent.parent == STANDIN_DIR
-        adapters = importlib.import_module("npu_kernels.npu")
+        adapters = importlib.import_module("npu_kernels.backends.npu")
         assert adapters.torch_npu is torch_npu
         assert backends.load("npu") is adapters, backends.load_error("npu")
         yield types.SimpleNamespace(torch_npu=torch_npu, npu=adapters)
     finally:
         sys.path.remove(str(STANDIN_DIR))
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+        for name in [name for name in sys.modules if name.startswith(_SWAPPED_MODULES)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
         if had_attr:
-            npu_kernels.npu = old_attr
-        elif hasattr(npu_kernels, "npu"):
-            del npu_kernels.npu
+            backends.npu = old_attr
+        elif hasattr(backends, "npu"):
+            del backends.npu
         backends.reset_cache()
 
 
@@ -168,7 +168,7 @@ def test_group_norm_silu_forward_adapter(env, shape, groups, affine, dtype):
     reference.assert_close(out, ref_out, dtype, "npu group_norm_silu forward")
     grad_out = torch.randn(shape, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out)
-    grads = torch_backend.group_norm_silu_backward(grad_out.to(dtype), x.detach(), weight, bias, mean, rstd, groups)
+    grads = torch_path.group_norm_silu_backward(grad_out.to(dtype), x.detach(), weight, bias, mean, rstd, groups)
     for got, want, what in zip(grads, ref_grads, ("x", "weight", "bias")):
         reference.assert_close(got, want, dtype, f"npu group_norm_silu grad {what}")
 
@@ -184,11 +184,11 @@ def test_bfloat16_statistics_cost_little_gradient_accuracy_at_sdxl_group_sizes(e
     (want,) = torch.autograd.grad(reference.group_norm_silu(x64, groups), x64, grad_out)
 
     def grad_error(mean, rstd):
-        got = torch_backend.group_norm_silu_backward(grad_out.bfloat16(), x, None, None, mean, rstd, groups)[0]
+        got = torch_path.group_norm_silu_backward(grad_out.bfloat16(), x, None, None, mean, rstd, groups)[0]
         return (got.double() - want).abs().max().item()
 
     npu_error = grad_error(*env.npu.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
-    torch_error = grad_error(*torch_backend.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
+    torch_error = grad_error(*torch_path.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
     assert npu_error <= 2 * torch_error + 1e-3, (npu_error, torch_error)
 
 
@@ -507,11 +507,11 @@ def test_public_group_norm_silu_backward_uses_the_saved_npu_statistics(env, monk
         out = npu_kernels.group_norm_silu(x, 3, weight, bias)
         grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
     assert len(env.torch_npu.calls("npu_group_norm_silu")) == 1
-    expected = torch_backend.group_norm_silu_backward(
+    expected = torch_path.group_norm_silu_backward(
         grad_out, x.detach(), weight.detach(), bias.detach(), sent["mean"], sent["rstd"], 3
     )
-    true_grads = torch_backend.group_norm_silu_backward(
-        grad_out, x.detach(), weight.detach(), bias.detach(), *torch_backend.group_norm_silu_forward(x.detach(), 3, weight, bias, 1e-5)[1:], 3
+    true_grads = torch_path.group_norm_silu_backward(
+        grad_out, x.detach(), weight.detach(), bias.detach(), *torch_path.group_norm_silu_forward(x.detach(), 3, weight, bias, 1e-5)[1:], 3
     )
     for got, want, true in zip(grads, expected, true_grads):
         torch.testing.assert_close(got, want)

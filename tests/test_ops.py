@@ -312,7 +312,7 @@ def test_cuda_auto_routes_attention_to_sdpa_and_the_rest_to_triton():
 
 
 def test_sdpa_backend_matches_reference():
-    from npu_kernels import sdpa_backend
+    from npu_kernels.backends import sdpa as sdpa_backend
 
     q, k, v = (randn(1, 2, s, 16, dtype=torch.float32) for s in (5, 77, 77))
     mask = _mask("bool", 1, 5, 77, torch.float32)

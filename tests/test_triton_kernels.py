@@ -1,4 +1,4 @@
-"""The Triton kernels (``npu_kernels.triton``) against float64 references, forward and backward.
+"""The Triton kernels (``npu_kernels.backends.triton``) against float64 references, forward and backward.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set
 here and in ``conftest.py`` before anything imports triton), fp32 and fp16 only: shapes are small
@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be tested")
 
-import npu_kernels.triton as tk  # noqa: E402
-from npu_kernels.triton import cross_attention as tk_cross  # noqa: E402
-from npu_kernels.triton import geglu as tk_geglu  # noqa: E402
+import npu_kernels.backends.triton as tk  # noqa: E402
+from npu_kernels.backends.triton import cross_attention as tk_cross  # noqa: E402
+from npu_kernels.backends.triton import geglu as tk_geglu  # noqa: E402
 
 INTERPRET = tk.interpreting()
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -259,18 +259,18 @@ ATTN_IDS = ["B{}H{}-Sq{}-Skv{}-D{}-{}".format(*c) for c in ATTN_CASES]
 def test_flash_attention(batch, heads, seq_q, seq_kv, head_dim, mask_kind, dtype):
     q, k, v = _qkv(batch, heads, seq_q, seq_kv, head_dim, dtype)
     mask = _mask(mask_kind, batch, heads, seq_q, seq_kv, dtype)
-    _check_attention(tk.attention_forward, tk.attention_backward, q, k, v, mask)
+    _check_attention(tk.flash_attention_forward, tk.flash_attention_backward, q, k, v, mask)
 
 
 def test_flash_attention_head_dim_128_contiguous_large_scale():
     """Head dim 128 once, contiguous inputs, a big scale (peaky softmax: online-max rescaling)."""
     q, k, v = _qkv(1, 1, 40, 150, 128, torch.float32, transposed=False)
-    _check_attention(tk.attention_forward, tk.attention_backward, q, k, v, None, scale=0.5)
+    _check_attention(tk.flash_attention_forward, tk.flash_attention_backward, q, k, v, None, scale=0.5)
 
 
 def test_flash_attention_value_head_dim_differs():
     q, k, v = _qkv(1, 2, 33, 47, 64, torch.float32, head_dim_v=40)
-    _check_attention(tk.attention_forward, tk.attention_backward, q, k, v, _mask("random", 1, 2, 33, 47, torch.float32))
+    _check_attention(tk.flash_attention_forward, tk.flash_attention_backward, q, k, v, _mask("random", 1, 2, 33, 47, torch.float32))
 
 
 CROSS_CASES = [
@@ -351,7 +351,7 @@ def test_sdxl_geglu(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sdxl_self_attention(dtype):
     q, k, v = _qkv(1, 10, 4096, 4096, 64, dtype)
-    _check_attention(tk.attention_forward, tk.attention_backward, q, k, v, None)
+    _check_attention(tk.flash_attention_forward, tk.flash_attention_backward, q, k, v, None)
 
 
 @needs_gpu

@@ -57,7 +57,7 @@ def prepare_launch_environment() -> bool:
 def configure_device(device: torch.device) -> None:
     """Per-device training settings: on Ascend NPU, ND tensor formats (Ascend's training advice)."""
     if device.type == "npu":
-        from npu_kernels.npu import configure_npu_for_training
+        from npu_kernels.backends.npu import configure_npu_for_training
 
         configure_npu_for_training()
         logger.info("NPU: configure_npu_for_training() (allow_internal_format=False).")

@@ -1,6 +1,6 @@
 """Test-only fault injection, switched on by environment variables (never set them in real runs).
 
-The fault tests (``tests/test_trainer_faults.py``) must kill or disturb a training subprocess at an exact
+The fault tests (``tests/trainer/test_faults.py``) must kill or disturb a training subprocess at an exact
 point; sleeping in the trainer at that point makes it deterministic. Every hook prints one line
 starting with :data:`MARKER` to stderr when it fires, which is what the tests wait for.
 

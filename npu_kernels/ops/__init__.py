@@ -1,5 +1,7 @@
-"""The four fused ops: each a ``torch.library`` custom op with a fake impl and autograd."""
-from npu_kernels.ops.attention import cross_attention, flash_attention
+"""The public ops, one file each: API, ``torch.library`` custom op (fake impl + autograd) and the
+eager ``autograd.Function``. Which kernel runs is decided in :mod:`npu_kernels.backends`."""
+from npu_kernels.ops.cross_attention import cross_attention
+from npu_kernels.ops.flash_attention import flash_attention
 from npu_kernels.ops.geglu import geglu
 from npu_kernels.ops.group_norm_silu import group_norm_silu
 

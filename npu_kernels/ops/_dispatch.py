@@ -5,7 +5,8 @@ from typing import Callable
 
 import torch
 
-from npu_kernels import backends, torch_backend
+from npu_kernels import backends
+from npu_kernels.backends import reference
 
 
 def tracing() -> bool:
@@ -23,7 +24,7 @@ def kernel(backend: str, name: str) -> Callable:
     forward but no registered backward, so ours runs from the statistics the NPU forward saved.
     """
     fn = getattr(backends.kernels(backend), name, None)
-    return fn if fn is not None else getattr(torch_backend, name)
+    return fn if fn is not None else getattr(reference, name)
 
 
 def direct(backend: str, op: str) -> Callable | None:

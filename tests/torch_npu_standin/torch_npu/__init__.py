@@ -1,7 +1,7 @@
 """A stand-in ``torch_npu`` for tests on machines without an Ascend NPU (and without CANN).
 
 It is NOT torch_npu: it implements, in plain PyTorch on any device, the four fused ops that
-``npu_kernels.npu`` calls, with the signatures, return tuples, argument conventions and input
+``npu_kernels.backends.npu`` calls, with the signatures, return tuples, argument conventions and input
 checks that Ascend documents for them, so that the adapters can be checked for *how* they call
 torch_npu (layout, head_num, scale, keep_prob, mask polarity, GELU index, ...). Its maths is the
 reference maths; nothing here says anything about the speed or numerics of the real kernels.

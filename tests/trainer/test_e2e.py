@@ -156,7 +156,7 @@ def test_lora_file_loads_into_diffusers_pipeline_and_changes_output(embedded_run
 
 @pytest.fixture(scope="module")
 def imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.test_trainer_data import make_imagefolder
+    from tests.trainer.test_data import make_imagefolder
 
     return make_imagefolder(tmp_path_factory.mktemp("imagefolder") / "train", rows=12)
 

@@ -28,7 +28,7 @@ from trainer import data, preflight
 from trainer.embedded_default import ensure_assets
 from trainer.preflight import InputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well under a second
 
 

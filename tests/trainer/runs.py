@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from trainer.testing_hooks import MARKER
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 #: A run of a few seconds: embedded model and dataset, 8 samples in batches of 2 (4 steps per epoch, so

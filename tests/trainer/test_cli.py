@@ -12,7 +12,7 @@ import pytest
 from trainer.args import build_parser, explicit_flags, parse_args
 from trainer.embedded_default import EMBEDDED_OVERRIDES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Every argument of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py and its default.
 DIFFUSERS_FLAGS: dict[str, object] = {

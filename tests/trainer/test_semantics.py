@@ -16,7 +16,7 @@ from trainer.embedded_default import build_samples, ensure_assets
 
 @pytest.fixture(scope="session")
 def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with test_trainer_e2e
+    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with tests/trainer/test_e2e.py
 
 
 @pytest.fixture(scope="module")

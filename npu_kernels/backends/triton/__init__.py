@@ -6,7 +6,7 @@ them in ``torch.library`` custom ops). One file per op:
 
 * :mod:`.geglu`            -- ``geglu_forward`` / ``geglu_backward``
 * :mod:`.group_norm_silu`  -- ``group_norm_silu_forward`` / ``group_norm_silu_backward``
-* :mod:`.attention`        -- ``attention_forward`` / ``attention_backward`` (FlashAttention-2)
+* :mod:`.flash_attention`  -- ``flash_attention_forward`` / ``flash_attention_backward`` (FlashAttention-2)
 * :mod:`.cross_attention`  -- ``cross_attention_forward`` / ``cross_attention_backward`` (Skv <= 256)
 
 The kernels target CUDA GPUs. On CPU they run under Triton's interpreter (``TRITON_INTERPRET=1``,
@@ -18,21 +18,21 @@ import os
 
 import torch
 
-from npu_kernels.triton import attention as _attention
-from npu_kernels.triton import cross_attention as _cross_attention
-from npu_kernels.triton import geglu as _geglu
-from npu_kernels.triton import group_norm_silu as _group_norm_silu
-from npu_kernels.triton.attention import attention_backward, attention_forward
-from npu_kernels.triton.cross_attention import cross_attention_backward, cross_attention_forward
-from npu_kernels.triton.geglu import geglu_backward, geglu_forward
-from npu_kernels.triton.group_norm_silu import group_norm_silu_backward, group_norm_silu_forward
+from npu_kernels.backends.triton import flash_attention as _flash_attention
+from npu_kernels.backends.triton import cross_attention as _cross_attention
+from npu_kernels.backends.triton import geglu as _geglu
+from npu_kernels.backends.triton import group_norm_silu as _group_norm_silu
+from npu_kernels.backends.triton.flash_attention import flash_attention_backward, flash_attention_forward
+from npu_kernels.backends.triton.cross_attention import cross_attention_backward, cross_attention_forward
+from npu_kernels.backends.triton.geglu import geglu_backward, geglu_forward
+from npu_kernels.backends.triton.group_norm_silu import group_norm_silu_backward, group_norm_silu_forward
 
 Tensor = torch.Tensor
 
 __all__ = [
     "geglu_forward", "geglu_backward",
     "group_norm_silu_forward", "group_norm_silu_backward",
-    "attention_forward", "attention_backward",
+    "flash_attention_forward", "flash_attention_backward",
     "cross_attention_forward", "cross_attention_backward",
     "not_supported_reasons", "interpreting",
 ]
@@ -89,7 +89,7 @@ def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
     elif op == "group_norm_silu":
         reasons += _group_norm_silu.not_supported_reasons(*tensors)
     else:
-        reasons += _attention.not_supported_reasons(*tensors)
+        reasons += _flash_attention.not_supported_reasons(*tensors)
         if op == "cross_attention":
             reasons += _cross_attention.not_supported_reasons(*tensors)
     return reasons

@@ -324,7 +324,7 @@ def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return FWD_CONFIG_SMALL_D if block_d <= 64 else FWD_CONFIG_LARGE_D
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """``(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq])``."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv, head_dim_v = k.shape[2], v.shape[3]
@@ -346,7 +346,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     return out, lse
 
 
-def attention_backward(
+def flash_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` with the shapes, dtypes and (dense) strides of ``q, k, v``."""
@@ -399,7 +399,7 @@ def not_supported_reasons(q: Tensor | None = None, k: Tensor | None = None, v: T
         if t is not None and t.dim() == 4 and t.shape[-1] > MAX_HEAD_DIM:
             reasons.append(f"{name} head dim {t.shape[-1]} > {MAX_HEAD_DIM}")
     # Boolean or lower-rank masks are fine: the ops layer makes them additive and 4-D before the
-    # kernels see them (``attention_forward`` itself takes only the additive 4-D form).
+    # kernels see them (``flash_attention_forward`` itself takes only the additive 4-D form).
     if attn_mask is not None and attn_mask.dim() > 4:
         reasons.append(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
     return reasons

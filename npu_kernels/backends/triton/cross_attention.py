@@ -22,14 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from npu_kernels.triton.attention import (
+from npu_kernels.backends.triton.flash_attention import (
     _LN2,
     LOG2E,
     _head_offset,
     _load_lse_log2,
     _load_mask_tile,
-    attention_backward,
-    attention_forward,
+    flash_attention_backward,
+    flash_attention_forward,
     dot_precision,
     head_block,
     mask_strides,
@@ -193,7 +193,7 @@ def cross_attention_forward(
     batch, heads, seq_q, head_dim = q.shape
     seq_kv, head_dim_v = k.shape[2], v.shape[3]
     if seq_kv > MAX_KV:
-        raise ValueError(f"cross_attention: Skv {seq_kv} > {MAX_KV}; use attention_forward")
+        raise ValueError(f"cross_attention: Skv {seq_kv} > {MAX_KV}; use flash_attention_forward")
     mask, m_strides = mask_strides(attn_mask, (batch, heads, seq_q, seq_kv))
     out = out_like_sdpa(q, head_dim_v)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
@@ -201,7 +201,7 @@ def cross_attention_forward(
         return out.zero_(), lse.fill_(float("-inf"))
     block_n, block_d, block_dv = _kv_block(seq_kv), head_block(head_dim), head_block(head_dim_v)
     if q.element_size() * block_n * (block_d + block_dv) > FWD_MAX_KV_TILE_BYTES:
-        return attention_forward(q, k, v, attn_mask, scale)  # same maths, K/V streamed in blocks
+        return flash_attention_forward(q, k, v, attn_mask, scale)  # same maths, K/V streamed in blocks
     block_m = FWD_BLOCK_M if block_n * max(block_d, block_dv) <= FWD_LARGE_TILE else FWD_BLOCK_M_LARGE_TILE
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _cross_fwd_kernel[grid](
@@ -223,7 +223,7 @@ def cross_attention_backward(
     block_n, block_d, block_dv = _kv_block(seq_kv), head_block(head_dim), head_block(head_dim_v)
     if block_n * max(block_d, block_dv) > CROSS_BWD_MAX_TILE:
         # Key tile too large for register-resident dK/dV accumulators: tile the keys instead.
-        return attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale)
+        return flash_attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale)
     mask, m_strides = mask_strides(attn_mask, (batch, heads, seq_q, seq_kv))
     dq = torch.empty_like(q)
     bh = batch * heads

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_runs import LORA_FILE, TINY, BackgroundRun, file_digests, lora_bytes, run_trainer, summary
+from tests.trainer.runs import LORA_FILE, TINY, BackgroundRun, file_digests, lora_bytes, run_trainer, summary
 from trainer import atomic, checkpointing, testing_hooks
 from trainer.embedded_default import ensure_assets
 

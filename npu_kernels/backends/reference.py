@@ -7,8 +7,8 @@ other backends are tested against. Every backend module exports this same contra
 * ``group_norm_silu_forward(x, num_groups, weight, bias, eps) -> (out, mean, rstd)`` with float32
   ``mean``/``rstd`` of shape ``[N, num_groups]``, and
   ``group_norm_silu_backward(grad_out, x, weight, bias, mean, rstd, num_groups) -> (gx, gw, gb)``
-* ``attention_forward(q, k, v, attn_mask, scale) -> (out, lse)`` with float32 ``lse`` ``[B, H, Sq]``
-  and ``attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale) -> (dq, dk, dv)``; the
+* ``flash_attention_forward(q, k, v, attn_mask, scale) -> (out, lse)`` with float32 ``lse`` ``[B, H, Sq]``
+  and ``flash_attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale) -> (dq, dk, dv)``; the
   mask is ``None`` or additive, 4-D and broadcastable to ``[B, H, Sq, Skv]``;
   ``cross_attention_forward`` / ``cross_attention_backward`` the same for short key/value sequences.
 * ``not_supported_reasons(op, *tensors) -> list[str]``
@@ -127,7 +127,7 @@ def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Ten
     return scores
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     if _use_cpu_flash(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
@@ -141,7 +141,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     return out, lse
 
 
-def attention_backward(
+def flash_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_cpu_flash(q):
@@ -162,5 +162,5 @@ def attention_backward(
 
 
 # Short key/value sequences need no special kernel in PyTorch: the same maths serves them.
-cross_attention_forward = attention_forward
-cross_attention_backward = attention_backward
+cross_attention_forward = flash_attention_forward
+cross_attention_backward = flash_attention_backward

@@ -1,44 +1,15 @@
-"""Ascend NPU backend: thin adapters over torch_npu's fused operators.
-
-Importing this module imports ``torch_npu`` (which needs the CANN toolkit); the dispatcher in
-``npu_kernels.backends`` does that inside ``try/except`` and reports the error when it fails.
-
-What each op runs (signatures as Ascend documents them; see ``docs/ascend_npu.md`` for links):
-
-* ``geglu`` -> ``torch_npu.npu_geglu(x, dim=-1, approximate=0|1)[0]``. torch_npu computes
-  ``A * gelu(B)`` with A the first and B the second half (diffusers' GEGLU layout) and registers
-  the backward itself (``npu_geglu_grad``), so this is autograd-complete. ``approximate`` is an
-  index: 0 = erf ("none"), 1 = tanh; its default is 1, so it is always passed explicitly.
-* ``group_norm_silu_forward`` -> ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``,
-  which returns ``(out, mean, rstd)`` but has no registered backward: the dispatcher wraps this
-  forward in its own autograd, whose backward runs from the saved mean/rstd.
-* ``flash_attention`` / ``cross_attention`` -> ``torch_npu.npu_fusion_attention`` with
-  ``head_num=H``, ``scale=scale``, ``keep_prob=1.0`` (no dropout), whose backward
-  (``npu_fusion_attention_grad``) torch_npu registers itself. Masks are translated from SDPA's
-  conventions to torch_npu's: a boolean mask (True = attend) is inverted, because torch_npu's
-  ``atten_mask`` is True/1 = *masked out*; an additive mask made only of 0 and -inf becomes such a
-  boolean mask; any other additive mask goes in as ``pse`` divided by ``scale``, because torch_npu
-  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``).
-
-Nothing here knows about diffusers.
-"""
+"""Attention on Ascend: ``torch_npu.npu_fusion_attention`` (autograd registered by torch_npu),
+with SDPA's mask conventions translated to torch_npu's, and the float32 capability probe."""
 from __future__ import annotations
 
 import os
 
 import torch
-import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import failure)
+import torch_npu
+
+from npu_kernels.backends.npu._common import dtype_reasons
 
 Tensor = torch.Tensor
-
-OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
-
-#: torch_npu's GELU index for ``npu_geglu``: 0 = erf ("none"), 1 = tanh.
-GELU_APPROXIMATE = {"none": 0, "tanh": 1}
-
-#: Dtypes the fused ops take (bfloat16 on Atlas A2-class devices; float32 attention only on
-#: torch_npu/CANN releases that document it, see :func:`float32_attention_problem`).
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # npu_fusion_attention's documented ranges. The current page allows D up to 768; earlier
 # releases' limit was 512, which is what we accept (SDXL uses 64). Nq 1..256, S 1..1M, B 1..2M.
@@ -46,7 +17,6 @@ MAX_HEAD_DIM = 512
 MAX_HEADS = 256
 MAX_SEQ_LEN = 1 << 20
 MAX_BATCH = 2 << 20
-GROUP_NORM_MAX_DIMS = 8
 
 #: ``1``/``0`` forces float32 attention on/off instead of probing the installed release once.
 FP32_ATTENTION_ENV = "NPU_KERNELS_NPU_FP32_ATTENTION"
@@ -54,64 +24,6 @@ FP32_ATTENTION_ENV = "NPU_KERNELS_NPU_FP32_ATTENTION"
 _fp32_attention_problems: dict[str, str | None] = {}
 
 
-# ----------------------------------------------------------------------------------- settings
-def configure_npu_for_training() -> None:
-    """Ascend's recommended setting for training: keep tensors in ND (no private formats).
-
-    Sets ``torch.npu.config.allow_internal_format = False`` (``torch.npu`` is installed by
-    importing torch_npu; ``torch_npu.npu`` is the same module).
-    """
-    npu = getattr(torch, "npu", None)
-    if npu is None or not hasattr(npu, "config"):
-        npu = torch_npu.npu
-    npu.config.allow_internal_format = False
-
-
-# ----------------------------------------------------------------------------------------- GEGLU
-def geglu(x: Tensor, approximate: str) -> Tensor:
-    """``x[..., :H] * gelu(x[..., H:])`` with torch_npu's fused GeGLU (autograd by torch_npu)."""
-    try:
-        index = GELU_APPROXIMATE[approximate]
-    except KeyError:
-        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}") from None
-    return torch_npu.npu_geglu(x, dim=-1, approximate=index)[0]
-
-
-# ------------------------------------------------------------------------------ GroupNorm + SiLU
-def _at_least_as_precise(param_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
-    return param_dtype == x_dtype or param_dtype == torch.float32
-
-
-def _affine_for_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weight and bias as npu_group_norm_silu takes them: both present (ones/zeros when absent,
-    as older schemas require them), of one dtype, and not less precise than ``x``."""
-    given = [t.dtype for t in (weight, bias) if t is not None]
-    dtype = x.dtype
-    if given:
-        dtype = given[0] if len(given) == 1 else torch.promote_types(*given)
-    if not _at_least_as_precise(dtype, x.dtype):
-        dtype = torch.float32
-    channels = x.shape[1]
-    weight = torch.ones(channels, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
-    bias = torch.zeros(channels, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
-    return weight, bias
-
-
-def group_norm_silu_forward(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(silu(group_norm(x)), mean, rstd)`` from ``torch_npu.npu_group_norm_silu``.
-
-    torch_npu returns mean/rstd ``[N, G]`` in ``x``'s dtype; they are returned as float32 (for
-    float16/bfloat16 inputs they carry the input dtype's rounding). No backward here: torch_npu
-    registers none, the dispatcher's autograd runs one from these statistics.
-    """
-    weight, bias = _affine_for_kernel(x, weight, bias)
-    out, mean, rstd = torch_npu.npu_group_norm_silu(x, weight, bias, group=num_groups, eps=eps)
-    return out, mean.float(), rstd.float()
-
-
-# ------------------------------------------------------------------------------------- attention
 def _as_4d(mask: Tensor) -> Tensor:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
@@ -169,7 +81,7 @@ def _layout_for_kernel(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, tuple[Tens
     return "BNSD", (q.contiguous(), k.contiguous(), v.contiguous())
 
 
-def _fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+def fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
     batch, heads, seq_q, _ = q.shape
     full = (batch, heads, seq_q, k.shape[2])
     atten_mask, pse = _masks_for_kernel(attn_mask, q, full, float(scale))
@@ -187,15 +99,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, s
     ``[B,H,Sq,Skv]``. Autograd by torch_npu (``npu_fusion_attention_grad``); an additive mask that
     requires grad gets one through ``pse``.
     """
-    return _fusion_attention(q, k, v, attn_mask, scale)
+    return fusion_attention(q, k, v, attn_mask, scale)
 
 
-def cross_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
-    """:func:`flash_attention` for short key/value sequences: the same torch_npu kernel serves both."""
-    return _fusion_attention(q, k, v, attn_mask, scale)
-
-
-# ------------------------------------------------------------------------ what this backend serves
 def _probe_float32_attention(device: torch.device) -> str | None:
     """Run a tiny float32 forward+backward once; the error text if the installed release refuses."""
     try:
@@ -247,34 +153,9 @@ def reset_capability_cache() -> None:
     _fp32_attention_problems.clear()
 
 
-def _dtype_reasons(what: str, tensors: list[Tensor]) -> list[str]:
-    return [
-        f"{what} dtype {t.dtype} is not supported by torch_npu's fused op (float16, bfloat16, float32)"
-        for t in tensors
-        if t.dtype not in FUSED_DTYPES
-    ]
-
-
-def _geglu_reasons(x: Tensor) -> list[str]:
-    reasons = _dtype_reasons("geglu input", [x])
-    if x.dim() == 0 or x.shape[-1] % 2:
-        reasons.append(f"geglu needs an even last dimension, got shape {tuple(x.shape)}")
-    return reasons
-
-
-def _group_norm_silu_reasons(x: Tensor, *affine: Tensor | None) -> list[str]:
-    params = [t for t in affine if t is not None]
-    reasons = _dtype_reasons("group_norm_silu input", [x]) + _dtype_reasons("group_norm_silu weight/bias", params)
-    if not 2 <= x.dim() <= GROUP_NORM_MAX_DIMS:
-        reasons.append(f"npu_group_norm_silu takes 2..{GROUP_NORM_MAX_DIMS}-D input, got {x.dim()}-D")
-    elif any(size == 0 for size in x.shape):
-        reasons.append(f"npu_group_norm_silu needs every dimension > 0, got shape {tuple(x.shape)}")
-    return reasons
-
-
-def _attention_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None) -> list[str]:
+def not_supported_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None) -> list[str]:
     qkv = [t for t in (q, k, v) if t is not None]
-    reasons = _dtype_reasons("attention q/k/v", qkv[:1])
+    reasons = dtype_reasons("attention q/k/v", qkv[:1])
     if len({t.dtype for t in qkv}) > 1:
         reasons.append("q, k, v dtypes differ")
     if any(t.dim() != 4 for t in qkv):
@@ -304,22 +185,3 @@ def _attention_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: Tens
         if mask.dim() > 4:
             reasons.append(f"attn_mask must have at most 4 dims, got {mask.dim()}")
     return reasons
-
-
-def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
-    """Why this backend cannot serve ``op`` for these inputs (empty when it can).
-
-    Tensor order as the dispatcher passes them: geglu ``(x,)``; group_norm_silu
-    ``(x, weight, bias)``; attention ``(q, k, v, attn_mask)``. The tensors' device is not checked:
-    a forced backend runs on whatever device the tensors are on.
-    """
-    if op not in OPS:
-        return [f"the npu backend has no op {op!r}"]
-    if not tensors or tensors[0] is None:
-        return [f"{op}: no input tensor"]
-    if op == "geglu":
-        return _geglu_reasons(tensors[0])
-    if op == "group_norm_silu":
-        return _group_norm_silu_reasons(*tensors)
-    q, k, v, mask = (tuple(tensors) + (None, None, None))[:4]
-    return _attention_reasons(q, k, v, mask)

@@ -1,4 +1,4 @@
-"""Non-causal attention ``softmax(q kᵀ·scale + mask) v``: flash (any length) and short-KV cross.
+"""What the two attention ops share: the custom-op registration, the checks, the mask conversion.
 
 Both ops share the maths, the checks and the autograd; they differ in the kernel a backend runs:
 ``cross_attention`` is for key/value sequences of at most 256 tokens (SDXL's 77 text tokens), which
@@ -29,12 +29,12 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _register(op: str) -> tuple:
+def register(op: str) -> tuple:
     """Define ``npu_kernels::{op}`` and its backward as custom ops with autograd; return both."""
 
     @torch.library.custom_op(f"npu_kernels::{op}", mutates_args=())
     def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
-        out, lse = kernel(backend, f"{_kernel_prefix(op)}_forward")(q, k, v, attn_mask, scale)
+        out, lse = kernel(backend, f"{op}_forward")(q, k, v, attn_mask, scale)
         # One fixed output layout for every backend, so the fake impl can describe it.
         expected = _out_like_sdpa(q, v)
         if out.stride() != expected.stride():
@@ -50,7 +50,7 @@ def _register(op: str) -> tuple:
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         attn_mask: Optional[Tensor], scale: float, backend: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        grads = kernel(backend, f"{_kernel_prefix(op)}_backward")(grad_out, q, k, v, out, lse, attn_mask, scale)
+        grads = kernel(backend, f"{op}_backward")(grad_out, q, k, v, out, lse, attn_mask, scale)
         # Custom-op outputs must be fresh tensors with the fake impl's layout (that of the inputs).
         return tuple(torch.empty_like(t).copy_(g) if g.stride() != t.stride() else g for g, t in zip(grads, (q, k, v)))
 
@@ -78,27 +78,19 @@ def _register(op: str) -> tuple:
         @staticmethod
         def forward(ctx, q, k, v, attn_mask, scale, backend):
             # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
-            output = kernel(backend, f"{_kernel_prefix(op)}_forward")(q, k, v, attn_mask, scale)
+            output = kernel(backend, f"{op}_forward")(q, k, v, attn_mask, scale)
             setup_context(ctx, (q, k, v, attn_mask, scale, backend), output)
             return output
 
         @staticmethod
         def backward(ctx, grad_out: Tensor, _grad_lse):
             q, k, v, attn_mask, out, lse = ctx.saved_tensors
-            dq, dk, dv = kernel(ctx.backend, f"{_kernel_prefix(op)}_backward")(
+            dq, dk, dv = kernel(ctx.backend, f"{op}_backward")(
                 grad_out, q, k, v, out, lse, attn_mask, ctx.scale
             )
             return dq, dk, dv, None, None, None
 
     return forward, backward, Eager
-
-
-def _kernel_prefix(op: str) -> str:
-    return "attention" if op == "flash_attention" else "cross_attention"
-
-
-_flash_attention, _flash_attention_backward, _EagerFlashAttention = _register("flash_attention")
-_cross_attention, _cross_attention_backward, _EagerCrossAttention = _register("cross_attention")
 
 
 def _check(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> None:
@@ -136,48 +128,14 @@ def _additive_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | Non
     return attn_mask
 
 
-def _attention(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+def run(op: str, registered: tuple, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    """Check, pick the backend, and run ``op`` through its custom op (tracing) or eager Function."""
     _check(op, q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = backends.select(op, q, k, v, attn_mask)
     fused = direct(backend, op)
     if fused is not None:
         return fused(q, k, v, attn_mask, scale)
-    if tracing():
-        function = _flash_attention if op == "flash_attention" else _cross_attention
-    else:
-        function = (_EagerFlashAttention if op == "flash_attention" else _EagerCrossAttention).apply
+    custom_op, _backward, eager = registered
+    function = custom_op if tracing() else eager.apply
     return function(q, k, v, _additive_mask(attn_mask, q.dtype), scale, backend)[0]
-
-
-def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
-) -> Tensor:
-    """Memory-efficient non-causal attention, ``softmax(q kᵀ·scale + mask) v``.
-
-    Args:
-        q: ``[B, H, Sq, D]``; k: ``[B, H, Skv, D]``; v: ``[B, H, Skv, Dv]``.
-        attn_mask: optional, broadcastable to ``[B, H, Sq, Skv]``: boolean (True = attend) or
-            additive, as ``torch.nn.functional.scaled_dot_product_attention`` takes it. It gets no
-            gradient.
-        scale: defaults to ``1/sqrt(D)``.
-
-    Returns:
-        ``[B, H, Sq, Dv]`` of q's dtype. The backward saves only the output and the logsumexp.
-    """
-    return _attention("flash_attention", q, k, v, attn_mask, scale)
-
-
-def cross_attention(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
-) -> Tensor:
-    """:func:`flash_attention` for short key/value sequences (``Skv <= 256``, e.g. 77 text tokens).
-
-    Same arguments, maths and result; backends may hold all of K/V in one block. No rotary
-    embeddings.
-    """
-    if k.dim() == 4 and k.shape[2] > CROSS_ATTENTION_MAX_KV:
-        raise ValueError(
-            f"cross_attention: key/value length {k.shape[2]} exceeds {CROSS_ATTENTION_MAX_KV}; use flash_attention"
-        )
-    return _attention("cross_attention", q, k, v, attn_mask, scale)

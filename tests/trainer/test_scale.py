@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_trainer_e2e import run_main
-from tests.trainer_runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
+from tests.trainer.test_e2e import run_main
+from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
 from trainer import caching, checkpointing, distributed, sampling
 from trainer.embedded_default import ensure_assets
 from trainer.preflight import InputError
@@ -106,9 +106,9 @@ def test_npu_device_is_configured_for_training(monkeypatch: pytest.MonkeyPatch) 
     import types
 
     calls = []
-    fake = types.ModuleType("npu_kernels.npu")
+    fake = types.ModuleType("npu_kernels.backends.npu")
     fake.configure_npu_for_training = lambda: calls.append(1)
-    monkeypatch.setitem(sys.modules, "npu_kernels.npu", fake)
+    monkeypatch.setitem(sys.modules, "npu_kernels.backends.npu", fake)
     distributed.configure_device(torch.device("cpu"))
     assert calls == []
     distributed.configure_device(types.SimpleNamespace(type="npu"))

@@ -1,10 +1,10 @@
 """The one place that decides which kernel serves an op.
 
-Three backends implement the same kernel contract (see ``torch_backend`` for the reference):
+The backends implement the same kernel contract (see ``reference`` for the contract):
 
 * ``torch``  -- plain PyTorch, runs on every device and is the reference maths;
-* ``triton`` -- our Triton kernels (``npu_kernels.triton``), meant for CUDA;
-* ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.npu``), for Ascend NPUs;
+* ``triton`` -- our Triton kernels (``npu_kernels.backends.triton``), meant for CUDA;
+* ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.backends.npu``), for Ascend NPUs;
 * ``sdpa``   -- PyTorch's SDPA, ``auto``'s choice for attention on CUDA (internal, not forceable).
 
 ``auto`` (the default) picks by the tensors' device, walking a priority list and taking the first
@@ -30,10 +30,10 @@ BACKENDS: tuple[str, ...] = ("torch", "triton", "npu")
 ENV_VAR = "NPU_KERNELS_BACKEND"
 
 _MODULES = {
-    "torch": "npu_kernels.torch_backend",
-    "triton": "npu_kernels.triton",
-    "npu": "npu_kernels.npu",
-    "sdpa": "npu_kernels.sdpa_backend",  # internal: auto's choice for attention on CUDA, not forceable
+    "torch": "npu_kernels.backends.reference",
+    "triton": "npu_kernels.backends.triton",
+    "npu": "npu_kernels.backends.npu",
+    "sdpa": "npu_kernels.backends.sdpa",  # internal: auto's choice for attention on CUDA, not forceable
 }
 # Priority lists for ``auto``, by device type and op; anything not listed gets the PyTorch path.
 # Attention on CUDA goes to PyTorch's SDPA (FlashAttention-2 / cuDNN) first: our Triton attention

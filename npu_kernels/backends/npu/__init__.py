@@ -1,0 +1,84 @@
+"""Ascend NPU backend: thin adapters over torch_npu's fused operators.
+
+Importing this module imports ``torch_npu`` (which needs the CANN toolkit); the dispatcher in
+``npu_kernels.backends`` does that inside ``try/except`` and reports the error when it fails.
+
+What each op runs (signatures as Ascend documents them; see ``docs/ascend_npu.md`` for links):
+
+* ``geglu`` -> ``torch_npu.npu_geglu(x, dim=-1, approximate=0|1)[0]``. torch_npu computes
+  ``A * gelu(B)`` with A the first and B the second half (diffusers' GEGLU layout) and registers
+  the backward itself (``npu_geglu_grad``), so this is autograd-complete. ``approximate`` is an
+  index: 0 = erf ("none"), 1 = tanh; its default is 1, so it is always passed explicitly.
+* ``group_norm_silu_forward`` -> ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``,
+  which returns ``(out, mean, rstd)`` but has no registered backward: the dispatcher wraps this
+  forward in its own autograd, whose backward runs from the saved mean/rstd.
+* ``flash_attention`` / ``cross_attention`` -> ``torch_npu.npu_fusion_attention`` with
+  ``head_num=H``, ``scale=scale``, ``keep_prob=1.0`` (no dropout), whose backward
+  (``npu_fusion_attention_grad``) torch_npu registers itself. Masks are translated from SDPA's
+  conventions to torch_npu's: a boolean mask (True = attend) is inverted, because torch_npu's
+  ``atten_mask`` is True/1 = *masked out*; an additive mask made only of 0 and -inf becomes such a
+  boolean mask; any other additive mask goes in as ``pse`` divided by ``scale``, because torch_npu
+  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``).
+
+Nothing here knows about diffusers.
+"""
+from __future__ import annotations
+
+import torch
+import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import failure)
+
+from npu_kernels.backends.npu import flash_attention as _flash_attention_module
+from npu_kernels.backends.npu import geglu as _geglu_module
+from npu_kernels.backends.npu import group_norm_silu as _group_norm_silu_module
+from npu_kernels.backends.npu._common import FUSED_DTYPES
+from npu_kernels.backends.npu.cross_attention import cross_attention
+from npu_kernels.backends.npu.flash_attention import (
+    FP32_ATTENTION_ENV,
+    MAX_HEAD_DIM,
+    flash_attention,
+    float32_attention_problem,
+    reset_capability_cache,
+)
+from npu_kernels.backends.npu.geglu import GELU_APPROXIMATE, geglu
+from npu_kernels.backends.npu.group_norm_silu import group_norm_silu_forward
+
+Tensor = torch.Tensor
+
+OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+
+__all__ = [
+    "FP32_ATTENTION_ENV", "FUSED_DTYPES", "GELU_APPROXIMATE", "MAX_HEAD_DIM",
+    "configure_npu_for_training", "cross_attention", "flash_attention", "float32_attention_problem",
+    "geglu", "group_norm_silu_forward", "not_supported_reasons", "reset_capability_cache",
+]
+
+
+def configure_npu_for_training() -> None:
+    """Ascend's recommended setting for training: keep tensors in ND (no private formats).
+
+    Sets ``torch.npu.config.allow_internal_format = False`` (``torch.npu`` is installed by
+    importing torch_npu; ``torch_npu.npu`` is the same module).
+    """
+    npu = getattr(torch, "npu", None)
+    if npu is None or not hasattr(npu, "config"):
+        npu = torch_npu.npu
+    npu.config.allow_internal_format = False
+
+
+def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
+    """Why this backend cannot serve ``op`` for these inputs (empty when it can).
+
+    Tensor order as the dispatcher passes them: geglu ``(x,)``; group_norm_silu
+    ``(x, weight, bias)``; attention ``(q, k, v, attn_mask)``. The tensors' device is not checked:
+    a forced backend runs on whatever device the tensors are on.
+    """
+    if op not in OPS:
+        return [f"the npu backend has no op {op!r}"]
+    if not tensors or tensors[0] is None:
+        return [f"{op}: no input tensor"]
+    if op == "geglu":
+        return _geglu_module.not_supported_reasons(tensors[0])
+    if op == "group_norm_silu":
+        return _group_norm_silu_module.not_supported_reasons(*tensors)
+    q, k, v, mask = (tuple(tensors) + (None, None, None))[:4]
+    return _flash_attention_module.not_supported_reasons(q, k, v, mask)
