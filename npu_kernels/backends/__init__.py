@@ -16,6 +16,7 @@ what is missing when it cannot.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import importlib.util
@@ -136,8 +137,34 @@ def auto_candidates(device_type: str, op: str) -> tuple[str, ...]:
     return by_op.get(op, by_op.get("default", ("torch",)))
 
 
+# Open count_selections() blocks; select() adds to each (one dict increment per call while any is open).
+_selection_counters: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def count_selections() -> Iterator[collections.Counter]:
+    """Count the dispatch decisions made inside the block: ``Counter[(op, backend)] -> calls``.
+
+    What actually ran, not a prediction: every eager op call selects once (under ``torch.compile`` the
+    selection happens when tracing, so a compiled graph counts once per trace, not per run).
+    """
+    counter: collections.Counter = collections.Counter()
+    _selection_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _selection_counters.remove(counter)
+
+
 def select(op: str, *tensors: torch.Tensor | None) -> str:
     """Name of the backend that serves ``op`` for these input tensors."""
+    name = _select(op, tensors)
+    for counter in _selection_counters:
+        counter[(op, name)] += 1
+    return name
+
+
+def _select(op: str, tensors: Sequence[torch.Tensor | None]) -> str:
     if _forced != "auto":
         reasons = not_supported_reasons(_forced, op, tensors)
         if reasons:
