@@ -36,6 +36,10 @@ def main() -> None:
         print(f"  backend {name:<7} {'loads' if error is None else 'unavailable: ' + error}")
     forced = backends.forced_backend()
     print(f"  selection: {forced}" + ("" if forced != "auto" else f" (set {backends.ENV_VAR}=torch|triton|npu to force one)"))
+    compiled = backends.forced_compiled()
+    print(f"  under torch.compile: {compiled}" + ("" if compiled != "auto" else
+          f" (compiled: custom_op = our op, opaque to inductor; decompose = plain PyTorch maths inductor fuses;"
+          f" set {backends.COMPILED_ENV_VAR}=custom_op|decompose to force one)"))
     print("devices seen: " + ", ".join(_devices()))
     seen = " ".join(_devices())
     for device_type in ("cpu", "cuda", "npu"):
@@ -49,7 +53,8 @@ def main() -> None:
                     for name, reasons in candidates.items()
                     if reasons
                 )
-                print(f"  {op:<16} -> {chosen:<8}" + (f"  ({notes})" if notes else ""))
+                compiled = backends.compiled_choice(op, device_type, chosen)
+                print(f"  {op:<16} -> {chosen:<8}  compiled: {compiled:<9}" + (f"  ({notes})" if notes else ""))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ backend that loads and has no ``not_supported_reasons`` for the inputs (the xfor
 whatever the tensors' device (that is how CI checks Triton kernels on CPU under
 ``TRITON_INTERPRET=1`` and the NPU adapters against a stand-in ``torch_npu``), and an error names
 what is missing when it cannot.
+
+Under ``torch.compile`` an op is either our custom op (running the backend picked above) or its plain
+PyTorch maths, which inductor fuses itself: :func:`compiled_choice` decides per device type and op,
+``NPU_KERNELS_COMPILED=custom_op|decompose`` or :func:`use_compiled` force one.
 """
 from __future__ import annotations
 
@@ -51,6 +55,29 @@ _AUTO_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# Under torch.compile, what the compiled graph sees of each op, by device type:
+# * "custom_op" -- our torch.library op, opaque to inductor, running the backend ``select`` picks;
+# * "decompose" -- the op's plain PyTorch maths inline (``npu_kernels.ops._plain_maths``), which
+#   inductor fuses with its neighbours itself.
+# CUDA: inductor's own GroupNorm+SiLU beat our Triton kernel and SDPA is what attention runs anyway,
+# while our GEGLU beat inductor's (docs/notes/issue-13.md has the numbers). NPU: torch_npu's fused
+# ops. Every other device (the CPU) and every op not listed here: plain maths when ``decompose`` is
+# the device's default, else the custom op.
+COMPILED_CHOICES: tuple[str, ...] = ("custom_op", "decompose")
+COMPILED_ENV_VAR = "NPU_KERNELS_COMPILED"
+_COMPILED_ROUTES: dict[str, dict[str, str]] = {
+    "cuda": {
+        "geglu": "custom_op",
+        "group_norm_silu": "decompose",
+        "flash_attention": "decompose",
+        "cross_attention": "decompose",
+    },
+    "npu": {},
+}
+_COMPILED_DEFAULT = {"cuda": "custom_op", "npu": "custom_op"}  # any other device type: "decompose"
+# Ops that have plain maths to decompose into; any other op stays a custom op under compile.
+DECOMPOSABLE_OPS: tuple[str, ...] = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
 
@@ -67,6 +94,16 @@ def _check_name(name: str) -> str:
 
 
 _forced: str = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def _check_compiled(name: str) -> str:
+    name = name.strip().lower()
+    if name not in COMPILED_CHOICES + ("auto",):
+        raise ValueError(f"unknown compiled choice {name!r}; choose one of auto, {', '.join(COMPILED_CHOICES)}")
+    return name
+
+
+_compiled_forced: str = _check_compiled(os.environ.get(COMPILED_ENV_VAR, "auto") or "auto")
 
 
 def load(name: str) -> ModuleType | None:
@@ -177,6 +214,49 @@ def _select(op: str, tensors: Sequence[torch.Tensor | None]) -> str:
         if not not_supported_reasons(name, op, tensors):
             return name
     return "torch"
+
+
+def forced_compiled() -> str:
+    """The compiled choice forced by :func:`use_compiled` or ``NPU_KERNELS_COMPILED``; ``"auto"`` if none."""
+    return _compiled_forced
+
+
+@contextlib.contextmanager
+def use_compiled(name: str) -> Iterator[None]:
+    """Force what ``torch.compile`` sees of every op traced inside the block: ``"custom_op"``,
+    ``"decompose"`` (plain PyTorch maths) or ``"auto"`` (per device and op, see :func:`compiled_choice`).
+
+    The choice is read while tracing: compile (or recompile) inside the block. Example::
+
+        with npu_kernels.backends.use_compiled("custom_op"):
+            loss = torch.compile(unet)(**inputs).sample.mean()
+    """
+    global _compiled_forced
+    previous, _compiled_forced = _compiled_forced, _check_compiled(name)
+    try:
+        yield
+    finally:
+        _compiled_forced = previous
+
+
+def compiled_choice(op: str, device_type: str, backend: str | None = None) -> str:
+    """What a compiled graph sees of ``op`` on ``device_type``: ``"custom_op"`` or ``"decompose"``.
+
+    A forced compiled choice wins; a forced backend (``use_backend``) means its kernel, so its custom
+    op; otherwise the per-device routes, except that a custom op around the PyTorch path (``backend``
+    ``"torch"``, what :func:`select` picked) would only hide plain maths from inductor. Ops without
+    plain maths are always custom ops.
+    """
+    if op not in DECOMPOSABLE_OPS:
+        return "custom_op"
+    if _compiled_forced != "auto":
+        return _compiled_forced
+    if _forced != "auto":
+        return "custom_op"
+    if backend == "torch":
+        return "decompose"
+    routes = _COMPILED_ROUTES.get(device_type, {})
+    return routes.get(op, _COMPILED_DEFAULT.get(device_type, "decompose"))
 
 
 def kernels(name: str) -> ModuleType:

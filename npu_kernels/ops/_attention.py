@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import direct, kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, tracing
 
 Tensor = torch.Tensor
 CROSS_ATTENTION_MAX_KV = 256
@@ -132,6 +132,8 @@ def run(op: str, registered: tuple, q: Tensor, k: Tensor, v: Tensor, attn_mask: 
     """Check, pick the backend, and run ``op`` through its custom op (tracing) or eager Function."""
     _check(op, q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if (plain := compiled_plain_maths(op, q, k, v, attn_mask)) is not None:
+        return plain(q, k, v, attn_mask, scale)
     backend = backends.select(op, q, k, v, attn_mask)
     fused = direct(backend, op)
     if fused is not None:

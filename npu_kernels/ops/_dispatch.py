@@ -7,6 +7,7 @@ import torch
 
 from npu_kernels import backends
 from npu_kernels.backends import reference
+from npu_kernels.ops import _plain_maths
 
 
 def tracing() -> bool:
@@ -34,3 +35,18 @@ def direct(backend: str, op: str) -> Callable | None:
     """
     fn = getattr(backends.kernels(backend), op, None)
     return fn if callable(fn) else None
+
+
+def compiled_plain_maths(op: str, *tensors: torch.Tensor | None) -> Callable | None:
+    """Under ``torch.compile``: ``op``'s plain PyTorch maths when the compiled graph should see those
+    rather than our custom op (``backends.compiled_choice`` for the tensors' device); else ``None``.
+
+    Inductor fuses plain maths with the ops around it; an opaque custom op stops that, so the custom
+    op stays only where its kernel beats what inductor generates. Eager calls always get ``None``.
+    """
+    if not tracing():
+        return None
+    device_type = next(t for t in tensors if t is not None).device.type
+    if backends.compiled_choice(op, device_type, backends.select(op, *tensors)) != "decompose":
+        return None
+    return getattr(_plain_maths, op)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, kernel, tracing
 
 Tensor = torch.Tensor
 
@@ -135,6 +135,8 @@ def group_norm_silu(
             raise ValueError(f"group_norm_silu: {name} must have shape ({channels},), got {tuple(param.shape)}")
         if param is not None and param.device != x.device:
             raise ValueError(f"group_norm_silu: {name} is on {param.device} but x is on {x.device}")
+    if (plain := compiled_plain_maths("group_norm_silu", x, weight, bias)) is not None:
+        return plain(x, num_groups, weight, bias, eps)
     backend = backends.select("group_norm_silu", x, weight, bias)
     function = _group_norm_silu if tracing() else _EagerGroupNormSilu.apply
     return function(x, num_groups, weight, bias, eps, backend)[0]
