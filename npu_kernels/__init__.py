@@ -1,15 +1,15 @@
-"""npu_kernels: fused GroupNorm+SiLU, GEGLU and attention for diffusers on NPU, CUDA and CPU.
+"""npu_kernels: fused GroupNorm+SiLU, GEGLU, attention and LoRA projection for diffusers on NPU, CUDA and CPU.
 
 Quick start::
 
     import npu_kernels
-    report = npu_kernels.optimize(unet)      # fused attention, GroupNorm+SiLU and GEGLU
+    report = npu_kernels.optimize(unet)      # fused attention, GroupNorm+SiLU, GEGLU, PEFT LoRA layers
     # or only the attention processor:
     unet.set_attn_processor(npu_kernels.FusedAttnProcessor())
 """
 from npu_kernels.backends import BackendUnavailableError, use_backend
 from npu_kernels.diffusers_integration import FusedAttnProcessor, OptimizeReport, optimize, restore
-from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
+from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu, lora_linear
 from npu_kernels.report import backend_report
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "flash_attention",
     "geglu",
     "group_norm_silu",
+    "lora_linear",
     "optimize",
     "restore",
     "use_backend",

@@ -8,13 +8,14 @@ loading.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import MethodType
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from npu_kernels import frozen_layers
+from npu_kernels import frozen_layers, peft_lora
 from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
 from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
 
@@ -152,8 +153,8 @@ def _identity_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x  # the SiLU already ran inside the fused GroupNorm before it
 
 
-def _geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return geglu(self.proj(hidden_states))
+def _geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, approximate: str = "none", **kwargs) -> torch.Tensor:
+    return geglu(self.proj(hidden_states), approximate)
 
 
 # ----------------------------------------------------------------------------- optimize/restore
@@ -166,7 +167,11 @@ class OptimizeReport:
     norm_out_pairs: int = 0
     geglu: int = 0
     frozen_layers: int = 0
+    lora_layers: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)
+    # Patched LoRA layers whose state at optimize() time makes them run PEFT's forward (checked
+    # again at every call: the fused path takes over once the state allows it).
+    lora_fallbacks: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,12 +180,13 @@ class OptimizeReport:
         return (
             f"npu_kernels.optimize: {self.attention_processors} attention processors, "
             f"{self.resnet_blocks} ResnetBlock2D (GroupNorm+SiLU x2), {self.norm_out_pairs} conv_norm_out+conv_act, "
-            f"{self.geglu} GEGLU, {self.frozen_layers} Linear/Conv2d that save no input when frozen; "
-            f"{len(self.skipped)} modules left as they were"
+            f"{self.geglu} GEGLU, {self.frozen_layers} Linear/Conv2d that save no input when frozen, "
+            f"{self.lora_layers} PEFT LoRA Linear as one lora_linear op ({len(self.lora_fallbacks)} running PEFT's "
+            f"forward for now); {len(self.skipped)} modules left as they were"
         )
 
 
-def _patch(module: nn.Module, forward: Callable) -> None:
+def _patch(module: nn.Module, forward: Callable) -> None:  # any callable taking (module, *args)
     module.forward = MethodType(forward, module)
     setattr(module, _FUSED_TAG, True)
 
@@ -193,14 +199,19 @@ def _is_group_norm(module: nn.Module | None) -> bool:
     return type(module) is nn.GroupNorm
 
 
-def optimize(model: nn.Module, frozen_weights: bool = True) -> OptimizeReport:
+def optimize(model: nn.Module, frozen_weights: bool = True, geglu_approximate: str = "none") -> OptimizeReport:
     """Install npu_kernels' fused ops on a diffusers model, in place.
 
     * every ``Attention`` using ``AttnProcessor2_0``/``AttnProcessor`` gets :class:`FusedAttnProcessor`;
     * ``ResnetBlock2D`` (default time-embedding norm, SiLU): ``norm1``/``norm2`` + ``nonlinearity``
       run as :func:`npu_kernels.group_norm_silu`; the time-embedding SiLU stays as it is;
     * ``conv_norm_out`` (GroupNorm) followed by ``conv_act`` (SiLU) become one fused op;
-    * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection;
+    * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
+      ``geglu_approximate`` (``"none"``: erf GELU, diffusers' maths; ``"tanh"`` reproduces what stock
+      diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
+    * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
+      they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
+      every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
     * with ``frozen_weights`` (default), plain ``nn.Linear``/``nn.Conv2d`` layers whose parameters
       do not require grad at call time (the frozen base of LoRA training) keep no input for the
       backward, only their weight: same values and gradients, much less activation memory.
@@ -208,7 +219,10 @@ def optimize(model: nn.Module, frozen_weights: bool = True) -> OptimizeReport:
     Works on ``UNet2DConditionModel`` and on any other model: it swaps what matches and leaves the
     rest. Calling it twice changes nothing more. Undo with :func:`restore`.
     """
+    if geglu_approximate not in ("none", "tanh"):
+        raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
+    geglu_forward = functools.partial(_geglu_forward, approximate=geglu_approximate)
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue
@@ -234,8 +248,15 @@ def optimize(model: nn.Module, frozen_weights: bool = True) -> OptimizeReport:
             else:
                 report.skipped.append(f"{name}: ResnetBlock2D ({module.time_embedding_norm}, {type(module.nonlinearity).__name__})")
         elif isinstance(module, GEGLU):
-            _patch(module, _geglu_forward)
+            _patch(module, geglu_forward)
             report.geglu += 1
+        elif peft_lora.patchable(module):
+            _patch(module, peft_lora.lora_forward)
+            report.lora_layers += 1
+            if (reason := peft_lora.fallback_reason(module)) is not None:
+                report.lora_fallbacks.append(f"{name}: {reason}")
+        elif peft_lora.unpatched_lora_layer(module):
+            report.skipped.append(f"{name}: PEFT {type(module).__name__} over {type(module.get_base_layer()).__name__}")
         elif frozen_weights and frozen_layers.patchable(module):
             _patch(module, frozen_layers.linear_forward if type(module) is nn.Linear else frozen_layers.conv2d_forward)
             report.frozen_layers += 1

@@ -4,5 +4,6 @@ from npu_kernels.ops.cross_attention import cross_attention
 from npu_kernels.ops.flash_attention import flash_attention
 from npu_kernels.ops.geglu import geglu
 from npu_kernels.ops.group_norm_silu import group_norm_silu
+from npu_kernels.ops.lora_linear import lora_linear
 
-__all__ = ["cross_attention", "flash_attention", "geglu", "group_norm_silu"]
+__all__ = ["cross_attention", "flash_attention", "geglu", "group_norm_silu", "lora_linear"]

@@ -1,0 +1,184 @@
+"""LoRA projection: ``x Wᵀ + b + scale · (x Aᵀ) Bᵀ`` as one autograd node.
+
+PEFT's ``lora.Linear`` runs the base linear, ``lora_A``, ``lora_B``, a multiply and an add as
+separate autograd nodes (about five ops forward and nine backward, more under autocast), and keeps
+``x`` once per linear that reads it. This op runs three GEMMs forward (the LoRA update lands in the
+base output through ``addmm_``'s ``alpha``) and five backward (scales folded into ``alpha`` again),
+and saves ``x`` once plus the rank-r ``x Aᵀ``.
+
+There is no backend choice: ATen's GEMMs (cuBLAS, oneDNN, Ascend's matmul) serve every device, so
+the op skips :mod:`npu_kernels.backends` and its per-call selection entirely.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from npu_kernels.ops._dispatch import tracing
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------- the maths
+def _as_2d(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float):
+    """``(out, x as 2-D, x Aᵀ)``: three GEMMs, the LoRA update accumulated into the base output in place."""
+    x2d = _as_2d(x)
+    out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+    xa = torch.mm(x2d, lora_A.t())
+    out.addmm_(xa, lora_B.t(), alpha=scale)
+    return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), x2d, xa
+
+
+def _backward(
+    grad_out: Tensor, x2d: Tensor, x_shape: torch.Size, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+    scale: float, needs: tuple[bool, bool, bool, bool, bool],
+):
+    """Gradients for (x, weight, bias, lora_A, lora_B); ``None`` where ``needs`` says no.
+
+    With ``u = grad · B``: grad x = grad·W + scale·u·A, grad A = scale·uᵀ·x, grad B = scale·gradᵀ·(x Aᵀ).
+    ``addmm`` with ``beta=0`` ignores its first argument (any tensor of the output's shape), which
+    folds the scale into the GEMM without a separate multiply.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs
+    g2d = _as_2d(grad_out)
+    grad_x = grad_w = grad_b = grad_a = grad_bb = None
+    if need_x or need_a:
+        u = torch.mm(g2d, lora_B)
+        if need_x:
+            grad_x = torch.mm(g2d, weight).addmm_(u, lora_A, alpha=scale)
+            grad_x = grad_x if len(x_shape) == 2 else grad_x.view(x_shape)
+        if need_a:
+            grad_a = torch.addmm(lora_A, u.t(), x2d, beta=0, alpha=scale)
+    if need_bb:
+        grad_bb = torch.addmm(lora_B, g2d.t(), xa, beta=0, alpha=scale)
+    if need_w:  # an unfrozen base weight (not the LoRA recipe, but the op stays correct)
+        grad_w = torch.mm(g2d.t(), x2d)
+    if need_b:
+        grad_b = g2d.sum(0)
+    return grad_x, grad_w, grad_b, grad_a, grad_bb
+
+
+# ------------------------------------------------------------------- custom op (compile/export)
+@torch.library.custom_op("npu_kernels::lora_linear", mutates_args=())
+def _lora_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    out, _x2d, xa = _forward(x, weight, bias, lora_A, lora_B, scale)
+    return out, xa
+
+
+@_lora_linear.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_A.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, ctx.scale = inputs
+    _out, xa = output
+    ctx.has_bias = bias is not None
+    # x once and the rank-r x·Aᵀ; the weights are resident anyway.
+    ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+    ctx.mark_non_differentiable(xa)
+
+
+def _needs(ctx) -> tuple[bool, bool, bool, bool, bool]:
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    return need_x, need_w, need_b and ctx.has_bias, need_a, need_bb
+
+
+def _custom_backward(ctx, grad_out: Tensor, _grad_xa):
+    x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+    # Plain ATen ops: under torch.compile they are traced, and the compiler may fuse around them.
+    grads = _backward(grad_out, _as_2d(x), x.shape, xa, weight, lora_A, lora_B, ctx.scale, _needs(ctx))
+    return *grads, None
+
+
+_lora_linear.register_autograd(_custom_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------- eager path
+class _EagerLoraLinear(torch.autograd.Function):
+    """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
+        # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
+        out, x2d, xa = _forward(x, weight, bias, lora_A, lora_B, scale)
+        ctx.scale, ctx.has_bias, ctx.x_shape = scale, bias is not None, x.shape
+        # x as the 2-D matrix the GEMMs read (a view of x unless x needed a copy to flatten).
+        ctx.save_for_backward(x2d, xa, weight, lora_A, lora_B)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2d, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        grads = _backward(grad_out, x2d, ctx.x_shape, xa, weight, lora_A, lora_B, ctx.scale, _needs(ctx))
+        return *grads, None
+
+
+# ---------------------------------------------------------------------------------- public op
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> None:
+    shapes = (
+        f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
+        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+    )
+    if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_linear: need x [..., in], weight [out, in], lora_A [r, in], lora_B [out, r]; got {shapes}")
+    out_features, in_features = weight.shape
+    if (
+        x.shape[-1] != in_features
+        or lora_A.shape[1] != in_features
+        or lora_B.shape != (out_features, lora_A.shape[0])
+        or (bias is not None and tuple(bias.shape) != (out_features,))
+    ):
+        raise ValueError(f"lora_linear: incompatible shapes {shapes} (need weight [out, in], lora_A [r, in], lora_B [out, r], bias [out])")
+    tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
+    if len({t.dtype for t in tensors}) != 1:
+        raise ValueError(f"lora_linear: dtypes differ: {', '.join(str(t.dtype) for t in tensors)} (outside autocast all must match)")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"lora_linear: devices differ: {', '.join(str(t.device) for t in tensors)}")
+    if not x.is_floating_point():
+        raise ValueError(f"lora_linear: dtype {x.dtype} is not a floating point type")
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float
+) -> Tensor:
+    """``x Wᵀ + b + scale · (x Aᵀ) Bᵀ``: a linear layer with a LoRA update, as one autograd node.
+
+    Args:
+        x: ``[..., in]``.
+        weight: ``[out, in]`` (the frozen base weight; it gets a gradient only if it requires one).
+        bias: ``[out]`` or ``None``.
+        lora_A: ``[r, in]``; lora_B: ``[out, r]`` (PEFT's ``lora_A``/``lora_B`` ``.weight``).
+        scale: PEFT's ``scaling`` (``lora_alpha / r``).
+
+    Returns:
+        ``[..., out]``. Under autocast every operand is cast to the autocast dtype first (as
+        ``F.linear`` and PEFT's LoRA layers are); otherwise all dtypes must match. The backward
+        keeps ``x`` and the rank-r ``x Aᵀ`` only.
+    """
+    if (dtype := _autocast_dtype(x)) is not None:
+        # Casts outside the autograd node: their backward returns each gradient in its parameter's dtype.
+        # float64 stays float64, as autocast leaves it.
+        x, weight, lora_A, lora_B = (t if t.dtype in (dtype, torch.float64) else t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        if bias is not None and bias.dtype not in (dtype, torch.float64):
+            bias = bias.to(dtype)
+    _check(x, weight, bias, lora_A, lora_B)
+    scale = float(scale)
+    if tracing():
+        return _lora_linear(x, weight, bias, lora_A, lora_B, scale)[0]
+    return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scale)

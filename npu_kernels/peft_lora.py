@@ -1,0 +1,80 @@
+"""PEFT's ``lora.Linear`` layers run as one :func:`npu_kernels.lora_linear` node.
+
+The patched forward checks, at every call, that the layer is in the one state where
+``lora_linear`` computes exactly what PEFT's forward does: one active adapter, plain LoRA (no DoRA
+or other variant, no LoRA bias), dropout that is the identity now (p = 0 or eval mode), not merged,
+adapters enabled, no extra call arguments. Anything else runs PEFT's own forward, so
+``merge``/``disable_adapters``/``set_adapter`` after :func:`npu_kernels.optimize` stay right.
+Parameters are read from the layer at each call: nothing is copied, cached or renamed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from npu_kernels.ops.lora_linear import lora_linear
+
+try:  # PEFT is optional: without it there are no LoRA layers to patch
+    from peft.tuners.lora import Linear as _PeftLinear
+    from peft.tuners.lora import LoraLayer as _PeftLoraLayer
+except ImportError:  # pragma: no cover - exercised only where peft is absent
+    _PeftLinear = _PeftLoraLayer = None
+
+_AUTOCAST_IGNORES = torch.float64  # autocast leaves float64 tensors alone; so does PEFT
+
+
+def patchable(module: nn.Module) -> bool:
+    """A PEFT ``lora.Linear`` (exact type) over a plain ``nn.Linear``."""
+    return _PeftLinear is not None and type(module) is _PeftLinear and type(module.base_layer) is nn.Linear
+
+
+def unpatched_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer this module does not patch (Conv2d, Embedding, subclasses, other bases)."""
+    return _PeftLoraLayer is not None and isinstance(module, _PeftLoraLayer) and not patchable(module)
+
+
+def fallback_reason(layer: nn.Module) -> str | None:
+    """Why PEFT's own forward has to run in the layer's current state; ``None`` when ours may."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapter merged into the base weight"
+    active = layer.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    if name not in layer.lora_A:
+        return f"active adapter {name!r} is not on this layer"
+    if name in layer.lora_variant:
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA or similar)"
+    if layer.lora_bias.get(name, False):
+        return "lora_B has a bias (lora_bias=True)"
+    dropout = layer.lora_dropout[name]
+    if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
+        return f"LoRA dropout {dropout!r} active in training mode"
+    if layer.fan_in_fan_out or not getattr(layer, "cast_input_dtype_enabled", True):
+        return "fan_in_fan_out or input dtype casting disabled"
+    return None
+
+
+def _same_dtypes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return all(p is None or p.dtype == x.dtype for p in params)
+
+
+def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``lora.Linear.forward`` as one ``lora_linear`` node when that is the same maths, else PEFT's."""
+    if args or kwargs or fallback_reason(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.base_layer
+    weight, bias = base.weight, base.bias
+    lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+    if torch.is_autocast_enabled(x.device.type):
+        # PEFT casts x to lora_A's dtype, then autocast casts every GEMM operand to its dtype: the
+        # same values as casting straight to the autocast dtype, unless lora_A's dtype is narrower.
+        narrower = lora_A.dtype not in (torch.float32, torch.get_autocast_dtype(x.device.type))
+        if narrower or _AUTOCAST_IGNORES in (x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype):
+            return type(self).forward(self, x)
+    elif not _same_dtypes(x, weight, bias, lora_A, lora_B):
+        return type(self).forward(self, x)  # PEFT's type promotion between base and LoRA dtypes
+    return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling[name])
