@@ -10,19 +10,27 @@ type and default, so existing launch scripts work unchanged, plus:
 * ``--on_bad_image skip|fail``: what an undecodable image does (see ``trainer.preflight``).
 * ``--cache_latents`` / ``--cache_text_embeddings``: run the frozen encoders once (see ``trainer.caching``).
 
-Unlike the diffusers script nothing is required: without ``--pretrained_model_name_or_path`` the embedded
-tiny SDXL pipeline is used, without ``--dataset_name``/``--train_data_dir`` the embedded shapes dataset,
-and for the embedded model the SDXL-sized defaults (1024 px, batch 16, 100 epochs) that the user did not
-set are replaced by :data:`trainer.embedded_default.EMBEDDED_OVERRIDES`.
+Unlike the diffusers script a run without any model or dataset flag is allowed: it trains the embedded
+tiny SDXL-shaped pipeline on the embedded shapes dataset (a smoke test). Otherwise nothing is filled in
+by omission: a dataset without ``--pretrained_model_name_or_path`` (or a model without a dataset) is an
+error (``trainer.preflight``); ``--pretrained_model_name_or_path embedded`` / ``--dataset_name embedded``
+ask for the embedded assets by name. Whenever the embedded model is used, the SDXL-sized defaults
+(1024 px, batch 16, 100 epochs) that the user did not set are replaced by
+:data:`trainer.embedded_default.EMBEDDED_OVERRIDES`, and the summary says so.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import sys
 from typing import Any, Sequence
 
 from trainer.embedded_default import EMBEDDED_OVERRIDES
+from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
+
+#: The value of --pretrained_model_name_or_path / --dataset_name that names the embedded assets.
+EMBEDDED = "embedded"
 
 DATASET_NAME_MAPPING: dict[str, tuple[str, str]] = {
     # diffusers' table (image column, caption column); the names Ascend's scripts use are added.
@@ -39,12 +47,13 @@ _DESCRIPTION = """\
 SDXL LoRA fine-tuning: diffusers' train_text_to_image_lora_sdxl.py recipe (same flags, same semantics)
 with npu_kernels' fused attention, GroupNorm+SiLU and GEGLU in the UNet.
 
-Run without arguments to train the embedded tiny SDXL pipeline on a generated shapes dataset."""
+Run without arguments to train the embedded tiny SDXL pipeline on a generated shapes dataset (a smoke
+test). With a dataset, --pretrained_model_name_or_path is required."""
 
 _EPILOG = (
-    "embedded default: without --pretrained_model_name_or_path a tiny SDXL-shaped pipeline is generated\n"
-    "(cached under $NPU_KERNELS_CACHE or ~/.cache/npu_kernels) and these defaults replace the ones above\n"
-    "unless given on the command line:\n"
+    "embedded default: with no model and no dataset flag (or --pretrained_model_name_or_path embedded) a tiny\n"
+    "SDXL-shaped pipeline is generated (cached under $NPU_KERNELS_CACHE or ~/.cache/npu_kernels) and these\n"
+    "defaults replace the ones above unless given on the command line:\n"
     + "\n".join(f"  --{key} {value}" for key, value in EMBEDDED_OVERRIDES.items())
 )
 
@@ -62,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="Path to pretrained model or model identifier from huggingface.co/models (diffusers layout)."
-        " Not given: the embedded tiny SDXL pipeline.",
+        f" Required with a dataset; '{EMBEDDED}' names the embedded tiny test pipeline (also what a run with no"
+        " model and no dataset flag uses).",
     )
     add(
         "--pretrained_vae_model_name_or_path",
@@ -286,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
         " see https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices",
     )
     add("--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes.")
+    add(
+        "--use_npu_fused_adamw",
+        action="store_true",
+        help="Ascend NPU only: torch_npu.optim.NpuFusedAdamW (one fused update over all LoRA parameters) instead of"
+        " torch.optim.AdamW.",
+    )
+    add(
+        "--max_nonfinite_steps",
+        type=int,
+        default=DEFAULT_MAX_NONFINITE_STEPS,
+        help="With --mixed_precision fp16 the gradient scaler skips a step whose loss is NaN/inf and training goes"
+        " on; this many such steps in a row stop the run. Without fp16 the first non-finite loss stops it.",
+    )
     add("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
     add("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
     add("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
@@ -324,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         help="on: the UNet runs npu_kernels' fused attention, GroupNorm+SiLU and GEGLU (npu_kernels.optimize);"
         " off: stock diffusers modules.",
+    )
+
+    add(
+        "--geglu_approximate",
+        type=str,
+        default="none",
+        choices=["none", "tanh"],
+        help="GELU of the fused GEGLU (--kernels on): none = erf, what diffusers computes on CPU/GPU; tanh = what"
+        " stock diffusers computes on Ascend NPU (npu_geglu approximate=1), to reproduce its numbers.",
     )
 
     # ---------------------------------------------------------------- bad inputs (trainer.preflight)
@@ -366,17 +398,19 @@ def explicit_flags(argv: Sequence[str]) -> set[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (``sys.argv[1:]`` when None) and resolve what diffusers' ``parse_args`` resolves.
 
-    Adds ``args.embedded_model`` / ``args.embedded_dataset`` (whether the embedded assets are used) and
-    ``args.all_validation_prompts`` (``--validation_prompt`` then ``--validation_prompts``).
+    Adds ``args.embedded_model`` / ``args.embedded_dataset`` (whether the embedded assets are used: named
+    ``embedded``, or no model and no dataset flag at all) and ``args.all_validation_prompts``
+    (``--validation_prompt`` then ``--validation_prompts``). A dataset without a model leaves
+    ``embedded_model`` False with no model: ``trainer.preflight`` refuses that.
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
 
-    args.embedded_model = args.pretrained_model_name_or_path is None
-    args.embedded_dataset = args.dataset_name is None and args.train_data_dir is None
+    nothing_asked = args.pretrained_model_name_or_path is None and args.dataset_name is None and args.train_data_dir is None
+    args.embedded_model = nothing_asked or args.pretrained_model_name_or_path == EMBEDDED
+    no_dataset = args.dataset_name is None and args.train_data_dir is None
+    args.embedded_dataset = args.dataset_name == EMBEDDED or (no_dataset and args.embedded_model)
     if args.embedded_model:
         for key, value in EMBEDDED_OVERRIDES.items():
             # --validation_prompt counts as choosing prompts: then the embedded prompts are not added.

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import torch
 
 from trainer import data
+from trainer.errors import InputError
+from trainer.models import encode_prompt
 from trainer.sampling import isolated_global_rngs
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ PROMPT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations a cache cannot honour (before any model is loaded)."""
-    from trainer.preflight import InputError
-
     if getattr(args, "cache_text_embeddings", False) and args.train_text_encoder:
         raise InputError(
             "--cache_text_embeddings cannot be combined with --train_text_encoder: the text encoders change every"
@@ -87,8 +87,6 @@ def build_text_cache(
     raw_captions: Sequence[Any], preprocessor: Any, text_encoders: Sequence[torch.nn.Module], accelerator: Any, batch_size: int
 ) -> TextEmbeddingCache:
     """Encode every distinct caption once (each process a share; all receive everything)."""
-    from trainer.loop import encode_prompt
-
     captions = _caption_strings(raw_captions)
     mine = captions[accelerator.process_index :: accelerator.num_processes]
     results: list[tuple[bytes, torch.Tensor, torch.Tensor]] = []
@@ -179,8 +177,6 @@ def build_latent_cache(
     for item in _gather(accelerator, done):
         if isinstance(item, _Failure):
             if not item.bad_image:
-                from trainer.preflight import InputError
-
                 raise InputError(item.message)
             bad[item.index] = item.message
         else:
@@ -220,8 +216,6 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         self.preprocessor = preprocessor
         self.on_bad_image = on_bad_image
         if not entries:
-            from trainer.preflight import InputError
-
             raise InputError(f"{preprocessor.source}: no image in its {len(self.raw_captions)} rows can be read")
 
     def __len__(self) -> int:
@@ -231,8 +225,6 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         skipped = []
         while index in self.bad_rows:
             if self.on_bad_image == "fail":
-                from trainer.preflight import InputError
-
                 raise InputError(f"{self.bad_rows[index]} (--on_bad_image fail; use skip to train without it)")
             skipped.append(self.bad_rows[index])
             index = (index + 1) % len(self)

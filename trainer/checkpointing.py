@@ -29,9 +29,10 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from trainer import atomic, testing_hooks
+from trainer import atomic
+from trainer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ def find_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLik
         return None
     missing = missing_files(path)
     if missing:
-        from trainer.preflight import InputError  # a bad --resume_from_checkpoint: one line, exit status 2
-
-        raise InputError(
+        raise InputError(  # a bad --resume_from_checkpoint: one line, exit status 2
             f"Checkpoint {path} is incomplete (missing {', '.join(missing)}): it was probably being written when"
             " the run was killed. Resume from an earlier one, or use --resume_from_checkpoint latest."
         )
@@ -237,16 +236,16 @@ def load(accelerator: Any, checkpoint: Path, updates_per_epoch: int, current: Tr
     )
 
 
-# ----------------------------------------------------------------------------- test hook
-def install_test_pause_hook(accelerator: Any) -> None:
-    """``$NPU_KERNELS_TEST_PAUSE_IN_CHECKPOINT_WRITE``: pause inside save_state, after the LoRA hook (registered
-    earlier) wrote its file and before accelerate writes the optimizer and RNG states. Test-only."""
-    if not testing_hooks.checkpoint_write_pause_enabled():
-        return
+# ----------------------------------------------------------------------------- write hook
+def register_write_hook(accelerator: Any, inside_write: Callable[[int, Path], None]) -> None:
+    """Call ``inside_write(step, staging_directory)`` in the middle of each checkpoint write: registered
+    after the LoRA save hook (trainer.models.register_checkpoint_hooks), it runs once the LoRA layers are
+    in the staging directory and before accelerate writes the optimizer, scheduler and RNG states.
+    (trainer.hooks.TrainingHooks.inside_checkpoint_write; a no-op unless a test supplies hooks.)"""
 
-    def pause_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         match = _STAGING_NAME.match(Path(output_dir).name)
-        if match and accelerator.is_main_process:
-            testing_hooks.pause(testing_hooks.PAUSE_IN_CHECKPOINT_WRITE, int(match.group(1)), "writing checkpoint")
+        if match:
+            inside_write(int(match.group(1)), Path(output_dir))
 
-    accelerator.register_save_state_pre_hook(pause_hook)
+    accelerator.register_save_state_pre_hook(hook)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from trainer.args import DATASET_NAME_MAPPING
-from trainer.preflight import InputError
+from trainer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def load_train_dataset(
     from datasets.exceptions import NonMatchingSplitsSizesError
 
     if dataset_name is not None:
-        if os.path.isdir(dataset_name) and not _has_data_files(dataset_name):
+        if os.path.isdir(dataset_name) and not has_data_files(dataset_name):
             raise FileNotFoundError(
                 f"--dataset_name {dataset_name!r} is a directory without data files: expected e.g."
                 " data/*.parquet (Ascend's layout) or images with a metadata.jsonl."
@@ -85,7 +85,7 @@ def load_train_dataset(
     return dataset["train"]
 
 
-def _has_data_files(directory: str) -> bool:
+def has_data_files(directory: str) -> bool:
     for _, _, files in os.walk(directory):
         if any(not name.startswith(".") and not name.lower().endswith((".md", ".json")) for name in files):
             return True
@@ -318,7 +318,7 @@ def pick_caption(caption: Any, is_train: bool, where: str) -> str:
 
     * a string, the empty string included (the image then trains unconditionally, like SDXL's "");
     * a non-empty list of strings: ``random.choice`` while training (diffusers), the first otherwise;
-    * None, an empty list or anything else: :class:`~trainer.preflight.InputError` naming the row.
+    * None, an empty list or anything else: :class:`~trainer.errors.InputError` naming the row.
       (Preflight refuses such datasets before training; this guards data that bypassed it.)
     """
     if isinstance(caption, str):
@@ -361,7 +361,7 @@ class BadImageGuard(torch.utils.data.Dataset):
 
     ``skip``: the row is replaced by the next usable one (so batches keep their size and every device
     keeps the same number of steps) and the example lists what it replaced under :data:`SKIPPED_KEY`.
-    ``fail``: :class:`~trainer.preflight.InputError` naming the dataset, row and file.
+    ``fail``: :class:`~trainer.errors.InputError` naming the dataset, row and file.
     """
 
     def __init__(self, dataset: Any, on_bad_image: str, source: str) -> None:

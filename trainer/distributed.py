@@ -57,10 +57,35 @@ def prepare_launch_environment() -> bool:
 def configure_device(device: torch.device) -> None:
     """Per-device training settings: on Ascend NPU, ND tensor formats (Ascend's training advice)."""
     if device.type == "npu":
+        # Imported here: the NPU adapters import torch_npu, which exists only on Ascend machines.
         from npu_kernels.backends.npu import configure_npu_for_training
 
         configure_npu_for_training()
         logger.info("NPU: configure_npu_for_training() (allow_internal_format=False).")
+
+
+def allow_reduced_precision_matmul(device_type: str) -> list[str]:
+    """``--allow_tf32``: TF32 matmuls on CUDA, their NPU counterpart HF32 (matmul and conv) on Ascend.
+
+    Returns the switches it turned on; an empty list (and one warning line) where the flag can have no
+    effect (CPU and other devices: no such mode).
+    """
+    switched: list[str] = []
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers (cuDNN convolutions allow TF32 by default)
+        switched = ["torch.backends.cuda.matmul.allow_tf32"]
+    elif device_type == "npu":
+        npu = getattr(torch, "npu", None)  # torch_npu's module; HF32 switches as documented by torch_npu
+        for part in ("matmul", "conv"):
+            switch = getattr(npu, part, None)
+            if switch is not None and hasattr(switch, "allow_hf32"):
+                switch.allow_hf32 = True
+                switched.append(f"torch.npu.{part}.allow_hf32")
+    if not switched:
+        logger.warning(f"--allow_tf32 has no effect on {device_type}: TF32 (CUDA) / HF32 (Ascend NPU) only exist there.")
+    else:
+        logger.info(f"--allow_tf32: {', '.join(switched)} = True")
+    return switched
 
 
 def any_process(accelerator: Any, flag: bool) -> bool:

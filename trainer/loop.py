@@ -10,8 +10,8 @@ With ``--cache_latents`` / ``--cache_text_embeddings`` (:mod:`trainer.caching`) 
 latent distribution and the prompt embeddings instead of pixels and token ids; the step then samples the
 latents from the cached distribution, drawing the same random numbers as ``vae.encode(...).sample()``.
 
-The loop adds, to diffusers' loop: a stop at the first non-finite loss (:mod:`trainer.guards`), a
-graceful stop on SIGINT/SIGTERM at a step boundary (:mod:`trainer.interrupts`), and an exact
+The loop adds, to diffusers' loop: a stop at the first non-finite loss, or with fp16 after
+``--max_nonfinite_steps`` skipped steps in a row (:mod:`trainer.guards`), a graceful stop on SIGINT/SIGTERM at a step boundary (:mod:`trainer.interrupts`), and an exact
 continuation of the data order after a resume (:mod:`trainer.sampling`, :mod:`trainer.checkpointing`).
 """
 from __future__ import annotations
@@ -25,33 +25,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed, guards, testing_hooks
+from trainer import distributed
+from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS, NonFiniteLossPolicy
+from trainer.hooks import TrainingHooks
 from trainer.metrics import StepRecord, TrainingHistory
+from trainer.models import encode_prompt
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- pieces of a step
-def encode_prompt(
-    text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeds, pooled prompt embeds) as ``StableDiffusionXLPipeline.encode_prompt`` builds them.
-
-    Prompt embeds: each encoder's penultimate hidden state, concatenated on the channel axis. Pooled:
-    the first output of the last encoder (``CLIPTextModelWithProjection``'s projected ``text_embeds``).
-    """
-    embeds = []
-    pooled = None
-    for text_encoder, ids in zip(text_encoders, input_ids):
-        outputs = text_encoder(ids.to(text_encoder.device), output_hidden_states=True, return_dict=False)
-        pooled = outputs[0]
-        hidden = outputs[-1][-2]
-        embeds.append(hidden.view(hidden.shape[0], hidden.shape[1], -1))
-    prompt_embeds = torch.concat(embeds, dim=-1)
-    assert pooled is not None
-    return prompt_embeds, pooled.view(prompt_embeds.shape[0], -1)
-
-
 def compute_time_ids(
     original_sizes: Sequence[Sequence[int]],
     crop_top_lefts: Sequence[Sequence[int]],
@@ -170,6 +153,23 @@ class LoopConfig:
     checkpointing_steps: int
     debug_loss: bool = False
     skip_batches: int = 0  # batches of first_epoch a resumed run skips (the interrupted run used them)
+    max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS  # with a gradient scaler (fp16) only
+
+
+@dataclass
+class LoopCallbacks:
+    """What the loop calls back into the recipe (every one optional).
+
+    ``on_epoch_end(epoch)`` runs validation; ``on_batch(batch)`` sees each batch first (it counts skipped
+    bad images); ``save_checkpoint(step)`` runs on every process; ``stop_requested()`` says whether this
+    process received SIGINT/SIGTERM; ``set_epoch(epoch)`` fixes the data order of each epoch.
+    """
+
+    on_epoch_end: Callable[[int], None] | None = None
+    on_batch: Callable[[dict[str, Any]], None] | None = None
+    save_checkpoint: Callable[[int], None] | None = None
+    stop_requested: Callable[[], bool] | None = None
+    set_epoch: Callable[[int], None] | None = None
 
 
 def _timed(iterable: Iterable[Any]) -> Iterable[tuple[Any, float]]:
@@ -194,23 +194,24 @@ def train_loop(
     dataloader: Any,
     params_to_clip: list[torch.nn.Parameter],
     progress_bar: Any,
-    on_epoch_end: Callable[[int], None] | None = None,
-    on_batch: Callable[[dict[str, Any]], None] | None = None,
-    save_checkpoint: Callable[[int], None] | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    set_epoch: Callable[[int], None] | None = None,
+    callbacks: LoopCallbacks | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> TrainingHistory:
     """Run epochs ``first_epoch..num_train_epochs`` until ``max_train_steps`` optimizer steps.
 
-    Returns one :class:`StepRecord` per optimizer step. ``on_epoch_end(epoch)`` runs validation;
-    ``on_batch(batch)`` sees each batch first, in the main process (it counts skipped bad images).
+    Returns one :class:`StepRecord` per optimizer step. Called on every process: checkpoints every
+    ``checkpointing_steps`` and when stopping early; a stop request (signal or ``hooks.stop_requested()``)
+    is agreed on by all processes after each optimizer step and ends the loop with ``history.stopped_early``.
 
-    Called on every process: ``save_checkpoint(step)`` every ``checkpointing_steps`` and when stopping
-    early; ``stop_requested()`` (this process received SIGINT/SIGTERM) is agreed on by all processes after
-    each optimizer step, and a stop ends the loop with ``history.stopped_early``; ``set_epoch(epoch)``
-    fixes the data order of each epoch. A non-finite loss raises
-    :class:`~trainer.guards.NonFiniteLossError` before the optimizer update.
+    The loss of each optimizer step (averaged over processes and micro-steps) is read on the host once,
+    after backward, for logging; :class:`~trainer.guards.NonFiniteLossPolicy` judges that value: without a
+    gradient scaler a non-finite one raises :class:`~trainer.errors.NonFiniteLossError` before the
+    optimizer update; with one (fp16) the scaler skips the step, counted in ``history.skipped_steps``.
     """
+    callbacks = callbacks or LoopCallbacks()
+    hooks = hooks or TrainingHooks()
+    signalled = callbacks.stop_requested or (lambda: False)
+    policy = NonFiniteLossPolicy(scaler_skips=getattr(accelerator, "scaler", None) is not None, max_consecutive=config.max_nonfinite_steps)
     history = TrainingHistory()
     global_step = config.initial_global_step
     history.last_checkpoint_step = global_step  # the resumed-from checkpoint already holds this state
@@ -218,95 +219,99 @@ def train_loop(
     for epoch in range(config.first_epoch, config.num_train_epochs):
         for module in trainable_modules:
             module.train()
-        if set_epoch is not None:
-            set_epoch(epoch)
+        if callbacks.set_epoch is not None:
+            callbacks.set_epoch(epoch)
         epoch_batches = dataloader
         if epoch == config.first_epoch and config.skip_batches:
             # Resumed mid-epoch: the same epoch order (set_epoch), without the batches already trained on.
             epoch_batches = accelerator.skip_first_batches(dataloader, config.skip_batches)
         if hasattr(epoch_batches, "set_epoch"):
             epoch_batches.set_epoch(epoch)  # accelerate re-applies its own epoch counter on iteration
-        train_loss = 0.0
-        step_time = data_time = 0.0
+        train_loss: torch.Tensor | None = None  # on the device: read once per optimizer step
+        data_time = 0.0
         micro_steps = 0
         step_start = time.perf_counter()
         for batch, waited in _timed(epoch_batches):
             data_time += waited
-            if on_batch is not None:
-                on_batch(batch)
+            step = global_step + 1
+            hooks.on_batch(step, batch)
+            if callbacks.on_batch is not None:
+                callbacks.on_batch(batch)
             micro_steps += 1
             with accelerator.accumulate(accumulate_target):
-                loss = training_loss(step_ctx, batch)
-                loss = testing_hooks.corrupt_loss(loss, global_step + 1)
+                loss = hooks.on_loss(step, training_loss(step_ctx, batch))
                 if config.debug_loss and "filenames" in batch:
                     for name in batch["filenames"]:
                         accelerator.log({"loss_for_" + name: loss}, step=global_step)
                 # Gather the losses across all processes for logging (if we use distributed training).
-                avg_loss = accelerator.gather(loss.repeat(config.train_batch_size)).mean()
-                loss_value = avg_loss.item()
-                # All processes see the same gathered value, so all stop here, before any update.
-                guards.check_loss(loss_value, global_step + 1, epoch)
-                train_loss += loss_value / accelerator.gradient_accumulation_steps
-
+                avg_loss = accelerator.gather(loss.detach().repeat(config.train_batch_size)).mean()
+                share = avg_loss / accelerator.gradient_accumulation_steps
+                train_loss = share if train_loss is None else train_loss + share
                 accelerator.backward(loss)
+                finite = True
                 if accelerator.sync_gradients:
-                    testing_hooks.pause(
-                        testing_hooks.PAUSE_AT_STEP, global_step + 1, "in optimizer step", wake=stop_requested or (lambda: False)
-                    )
+                    # The one host read of the step (its logged loss), after backward was queued. Every
+                    # process holds the same gathered value, so all decide alike, before any update.
+                    loss_value = float(train_loss.item())
+                    finite = policy.check(loss_value, step, epoch)
+                    hooks.before_optimizer_step(step, signalled)
                     accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
 
             if accelerator.sync_gradients:
-                # .item() above synchronised the device, so the wall clock covers the whole step.
+                # .item() above synchronised the device, so the wall clock covers the step's compute.
                 now = time.perf_counter()
-                step_time = now - step_start
                 global_step += 1
+                skipped = not finite or bool(getattr(optimizer, "step_was_skipped", False))
+                history.skipped_steps += skipped
                 lr = lr_scheduler.get_last_lr()[0]
                 record = StepRecord(
                     step=global_step,
-                    loss=train_loss,
+                    loss=loss_value,
                     lr=lr,
                     images=config.images_per_micro_step * micro_steps,
-                    step_time=step_time,
+                    step_time=now - step_start,
                     data_time=data_time,
+                    skipped=skipped,
                 )
                 history.add(record)
+                history.nonfinite_loss_steps = policy.total
                 progress_bar.update(1)
                 accelerator.log(
-                    {"train_loss": train_loss, "lr": lr, "images_per_sec": record.images / max(step_time, 1e-9)},
+                    {
+                        "train_loss": loss_value,
+                        "lr": lr,
+                        "images_per_sec": record.images / max(record.step_time, 1e-9),
+                        "skipped_steps": history.skipped_steps,
+                    },
                     step=global_step,
                 )
-                train_loss = 0.0
+                progress_bar.set_postfix(
+                    step_loss=f"{loss_value:.4f}", lr=lr, images_per_sec=f"{record.images / max(record.step_time, 1e-9):.2f}"
+                )
+                train_loss = None
                 data_time = 0.0
                 micro_steps = 0
 
-                if save_checkpoint is not None and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                    save_checkpoint(global_step)  # every process: each stores its RNG state
+                if callbacks.save_checkpoint is not None and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                    callbacks.save_checkpoint(global_step)  # every process: each stores its RNG state
                     history.last_checkpoint_step = global_step
-                if stop_requested is not None and distributed.any_process(accelerator, stop_requested()):
-                    if save_checkpoint is not None and history.last_checkpoint_step != global_step:
-                        save_checkpoint(global_step)
+                if distributed.any_process(accelerator, signalled() or hooks.stop_requested()):
+                    if callbacks.save_checkpoint is not None and history.last_checkpoint_step != global_step:
+                        callbacks.save_checkpoint(global_step)
                         history.last_checkpoint_step = global_step
                     history.stopped_early = True
                     break
                 step_start = time.perf_counter()  # checkpoint writes do not count as training time
-
-            progress_bar.set_postfix(
-                step_loss=f"{loss.detach().item():.4f}",
-                lr=lr_scheduler.get_last_lr()[0],
-                images_per_sec=f"{history.records[-1].images / max(history.records[-1].step_time, 1e-9):.2f}"
-                if history.records
-                else "-",
-            )
             if global_step >= config.max_train_steps:
                 break
 
         if history.stopped_early:
             break
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+        if callbacks.on_epoch_end is not None:
+            callbacks.on_epoch_end(epoch)
         if global_step >= config.max_train_steps:
             break
     return history

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from trainer.atomic import write_text_atomically
+
 WARMUP_STEPS = 5
 
 
@@ -31,6 +33,7 @@ class StepRecord:
     images: int  # images consumed by this step over all devices
     step_time: float  # wall time of the step, waiting for data included
     data_time: float  # part of step_time spent waiting for the dataloader
+    skipped: bool = False  # the gradient scaler (fp16) skipped this step's update
 
 
 @dataclass
@@ -38,6 +41,8 @@ class TrainingHistory:
     records: list[StepRecord] = field(default_factory=list)
     stopped_early: bool = False  # a SIGINT/SIGTERM ended the loop before max_train_steps
     last_checkpoint_step: int = 0  # step of the newest checkpoint holding this run's state
+    skipped_steps: int = 0  # optimizer steps the gradient scaler (fp16) skipped, whatever the reason
+    nonfinite_loss_steps: int = 0  # steps whose loss was NaN/inf (fp16: skipped; otherwise the run stopped)
 
     def add(self, record: StepRecord) -> None:
         self.records.append(record)
@@ -90,18 +95,21 @@ def build_summary(
     num_devices: int,
     peak_memory: list[int],
     memory_kind: str,
-    backends: dict[str, str],
+    backends: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run summary (written to ``summary.json`` and printed)."""
     losses = history.losses
+    finite = [loss for loss in losses if math.isfinite(loss)]  # fp16 may have skipped non-finite steps
     summary: dict[str, Any] = {
         "steps": len(history.records),
         "global_batch": global_batch,
         "num_devices": num_devices,
         **history.throughput(),
-        "final_train_loss": losses[-1] if losses else float("nan"),
-        "mean_train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "final_train_loss": finite[-1] if finite else float("nan"),
+        "mean_train_loss": sum(finite) / len(finite) if finite else float("nan"),
+        "skipped_steps": history.skipped_steps,
+        "nonfinite_loss_steps": history.nonfinite_loss_steps,
         "peak_memory_bytes_per_device": peak_memory,
         "peak_memory_kind": memory_kind,
         "backends": backends,
@@ -109,6 +117,81 @@ def build_summary(
     }
     summary.update(extra or {})
     return summary
+
+
+@dataclass
+class RunFacts:
+    """What the recipe knows at the end of a run besides the step history (see :func:`run_summary`)."""
+
+    device: str
+    mixed_precision: str
+    num_devices: int
+    global_batch: int
+    peak_memory: list[int]
+    memory_kind: str
+    kernels: dict[str, Any]  # npu_kernels.optimize's report: modules swapped and left alone
+    backends: dict[str, Any]  # op -> {backend: calls}, counted while training (or the stock modules)
+    optimizer: str
+    lora_weights: str
+    validation_images: list[str]
+    loss_curve: str | None
+    tensorboard_dir: str | None
+    bad_images: list[str]
+    first_step: int
+    last_step: int
+    resumed_from: str | None
+    interrupted: str | None
+    last_checkpoint: str | None
+    data_seed: int
+    cache: dict[str, Any]
+    lora_digest_per_rank: list[str]
+    training_wall_time_s: float
+    total_wall_time_s: float
+
+
+def run_summary(args: Any, history: TrainingHistory, facts: RunFacts) -> dict[str, Any]:
+    """The dictionary written to ``summary.json``: throughput and loss, what ran, and where the outputs are."""
+    return build_summary(
+        history,
+        global_batch=facts.global_batch,
+        num_devices=facts.num_devices,
+        peak_memory=facts.peak_memory,
+        memory_kind=facts.memory_kind,
+        backends=facts.backends,
+        extra={
+            "device": facts.device,
+            "mixed_precision": facts.mixed_precision,
+            "kernels": facts.kernels,
+            # Modules npu_kernels.optimize() did not swap (e.g. xformers / NPU attention processors).
+            "kernels_left_alone": list(facts.kernels.get("skipped", [])),
+            "optimizer": facts.optimizer,
+            "embedded_pipeline": bool(args.embedded_model),  # the tiny test pipeline, not a real model
+            "embedded_dataset": bool(args.embedded_dataset),
+            "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+            "dataset": args.dataset_name or args.train_data_dir,
+            "resolution": args.resolution,
+            "learning_rate": args.learning_rate,  # after --scale_lr
+            "prediction_type": getattr(args, "prediction_type", None),
+            "allow_tf32": bool(getattr(args, "allow_tf32", False)),
+            "lora_weights": facts.lora_weights,
+            "validation_images": facts.validation_images,
+            "loss_curve": facts.loss_curve,
+            "tensorboard_dir": facts.tensorboard_dir,
+            "torch_threads": torch.get_num_threads(),
+            "bad_images_skipped": len(facts.bad_images),  # --on_bad_image skip: distinct rows, all devices
+            "bad_images": facts.bad_images,
+            "first_step": facts.first_step,
+            "last_step": facts.last_step,
+            "resumed_from": facts.resumed_from,
+            "interrupted": facts.interrupted,  # the signal that stopped the run early, else None
+            "last_checkpoint": facts.last_checkpoint,
+            "data_seed": facts.data_seed,
+            "cache": facts.cache,
+            "lora_digest_per_rank": facts.lora_digest_per_rank,
+            "training_wall_time_s": facts.training_wall_time_s,
+            "total_wall_time_s": facts.total_wall_time_s,
+        },
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -122,8 +205,6 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_summary(summary: dict[str, Any], output_dir: str | os.PathLike) -> Path:
-    from trainer.atomic import write_text_atomically
-
     return write_text_atomically(Path(output_dir) / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
 
 
@@ -137,8 +218,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['fps']:.3f} with data loading, {summary['fps_without_data_loading']:.3f} without",
         f"train loss: final {summary['final_train_loss']:.6f}, mean {summary['mean_train_loss']:.6f}",
         f"peak memory per device (GiB, {summary['peak_memory_kind']}): {', '.join(gib)}",
-        "backends: " + ", ".join(f"{op}={backend}" for op, backend in summary["backends"].items()),
+        "backends: " + format_backends(summary["backends"]),
     ]
+    if summary.get("skipped_steps"):
+        lines.append(
+            f"skipped steps: {summary['skipped_steps']} (gradient scaler), {summary.get('nonfinite_loss_steps', 0)} of them"
+            " with a non-finite loss"
+        )
+    if summary.get("embedded_pipeline"):
+        lines.append(
+            "model: the EMBEDDED TINY PIPELINE (a smoke test, not SDXL: random weights, "
+            f"{summary.get('resolution')} px); train SDXL with --pretrained_model_name_or_path"
+        )
     if summary.get("interrupted"):
         lines.append(
             f"interrupted by {summary['interrupted']} after step {summary.get('last_step')}: saved"
@@ -151,9 +242,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_backends(backends: dict[str, Any]) -> str:
+    """``op=backend x calls`` per op, from :func:`backends_served` (or a plain op -> text mapping)."""
+    parts = []
+    for op, served in backends.items():
+        if isinstance(served, dict):
+            parts.append(f"{op}=" + "+".join(f"{name} x{calls}" for name, calls in served.items()))
+        else:
+            parts.append(f"{op}={served}")
+    return ", ".join(parts)
+
+
+def backends_served(selections: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """``{op: {backend: calls}}`` from ``npu_kernels.backends.count_selections()``'s counter."""
+    served: dict[str, dict[str, int]] = {}
+    for (op, backend), calls in sorted(selections.items()):
+        served.setdefault(op, {})[backend] = calls
+    return served
+
+
 def plot_loss_curve(losses: list[float], path: str | os.PathLike, title: str = "SDXL LoRA training loss") -> Path:
     """PNG of the per-step loss and its running mean (the raw curve is noisy: random timesteps)."""
-    import matplotlib
+    import matplotlib  # heavy, and only needed once at the end of a run
 
     matplotlib.use("Agg")  # headless; must precede pyplot
     import matplotlib.pyplot as plt

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -120,6 +120,26 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         module.to(dtype=dtype)
 
 
+def encode_prompt(
+    text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeds, pooled prompt embeds) as ``StableDiffusionXLPipeline.encode_prompt`` builds them.
+
+    Prompt embeds: each encoder's penultimate hidden state, concatenated on the channel axis. Pooled:
+    the first output of the last encoder (``CLIPTextModelWithProjection``'s projected ``text_embeds``).
+    """
+    embeds = []
+    pooled = None
+    for text_encoder, ids in zip(text_encoders, input_ids):
+        outputs = text_encoder(ids.to(text_encoder.device), output_hidden_states=True, return_dict=False)
+        pooled = outputs[0]
+        hidden = outputs[-1][-2]
+        embeds.append(hidden.view(hidden.shape[0], hidden.shape[1], -1))
+    prompt_embeds = torch.concat(embeds, dim=-1)
+    assert pooled is not None
+    return prompt_embeds, pooled.view(prompt_embeds.shape[0], -1)
+
+
 def pipeline_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``dtype=`` for diffusers versions that renamed ``torch_dtype`` (and warn on it), else ``torch_dtype=``."""
     try:
@@ -131,16 +151,11 @@ def pipeline_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 def enable_attention_backends(unet: torch.nn.Module, args: argparse.Namespace) -> None:
     """``--enable_npu_flash_attention`` / ``--enable_xformers_memory_efficient_attention``, as diffusers."""
-    from diffusers.utils.import_utils import is_torch_npu_available, is_xformers_available
-
+    # Availability was checked by trainer.preflight (one-line errors); diffusers checks again itself.
     if args.enable_npu_flash_attention:
-        if not is_torch_npu_available():
-            raise ValueError("npu flash attention requires torch_npu extensions and is supported only on npu devices.")
         logger.info("npu flash attention enabled.")
         unet.enable_npu_flash_attention()
     if args.enable_xformers_memory_efficient_attention:
-        if not is_xformers_available():
-            raise ValueError("xformers is not available. Make sure it is installed correctly")
         unet.enable_xformers_memory_efficient_attention()
 
 
@@ -205,31 +220,37 @@ def load_lora_into_pipeline(pipeline: Any, directory: str) -> None:
         _set_state_dict_into_text_encoder(state, prefix=prefix, text_encoder=text_encoder)
 
 
-def apply_kernels(unet: torch.nn.Module, enabled: bool) -> dict[str, Any]:
-    """Route the UNet through npu_kernels (``--kernels on``) and return what was swapped.
+def apply_kernels(unet: torch.nn.Module, enabled: bool, geglu_approximate: str = "none") -> dict[str, Any]:
+    """Route the UNet through npu_kernels (``--kernels on``) and return what was swapped and left alone.
 
     Called after :func:`add_lora`: the fused attention processor calls ``attn.to_q`` etc., which PEFT has
-    wrapped, so the LoRA path is part of every fused attention call.
+    wrapped, so the LoRA path is part of every fused attention call. ``geglu_approximate`` (``--geglu_approximate``):
+    ``"none"`` is diffusers' erf GELU; ``"tanh"`` what stock diffusers runs on NPU (``npu_geglu(approximate=1)``).
     """
     if not enabled:
         return {"enabled": False}
-    import npu_kernels
+    import npu_kernels  # imports its kernels (seconds): not before a run needs them
 
-    report = npu_kernels.optimize(unet)
+    options = {} if geglu_approximate == "none" else {"geglu_approximate": geglu_approximate}
+    report = npu_kernels.optimize(unet, **options)
     logger.info(str(report))
-    return {"enabled": True, **report.as_dict()}
+    return {"enabled": True, "geglu_approximate": geglu_approximate, **report.as_dict()}
 
 
-def backend_report(device: torch.device, kernels: bool, dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """Op -> backend that served it on ``device`` for ``dtype`` (stock diffusers modules when kernels are off)."""
-    if not kernels:
-        return {op: "diffusers (stock modules)" for op in ("attention", "group_norm_silu", "geglu")}
-    import npu_kernels
+def stock_backends() -> dict[str, str]:
+    """What serves each op with ``--kernels off``: diffusers' own modules."""
+    return {op: "diffusers (stock modules)" for op in ("attention", "group_norm_silu", "geglu")}
 
-    try:
-        return dict(npu_kernels.backend_report(device, dtype))
-    except Exception as error:  # noqa: BLE001 - the summary must still be written
-        return {"error": f"{type(error).__name__}: {error}"}
+
+class Unwrapper:
+    """The model under accelerate's wrappers (DDP, torch.compile), as diffusers' ``unwrap_model``."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+
+    def __call__(self, model: Any) -> Any:
+        model = self.accelerator.unwrap_model(model)
+        return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule keeps the original here
 
 
 def enable_gradient_checkpointing(components: SDXLComponents, train_text_encoder: bool) -> None:

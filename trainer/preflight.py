@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from trainer import checkpointing
+import torch
 
-EXIT_STATUS = 2  # what argparse uses for a bad command line
+from trainer import caching, checkpointing, data
+from trainer.args import EMBEDDED
+from trainer.errors import InputError, one_line
+
+# datasets and pyarrow are imported inside the functions that use them: loading them takes seconds, and a
+# bad flag must be reported without that wait.
 
 # Columns of the embedded shapes dataset (trainer.embedded_default.write_parquet_dataset): checked
 # without generating or loading it.
@@ -52,10 +58,6 @@ VAE_CLASSES = ("AutoencoderKL",)  # what models.load_components loads --vae_name
 MAX_ROWS_LISTED = 5
 
 
-class InputError(ValueError):
-    """A bad flag, file, column or image, described in one line (printed as ``error: ...``, exit status 2)."""
-
-
 def run(args: argparse.Namespace) -> None:
     """Every preflight check, in the order a user would fix them: flags, model, dataset."""
     check_flags(args)
@@ -63,30 +65,60 @@ def run(args: argparse.Namespace) -> None:
     check_dataset(args)
 
 
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` as one line.
-
-    An error raised in a DataLoader worker comes back re-raised with the worker's traceback in its
-    message ("Caught InputError in DataLoader worker process 0. Original Traceback ..."); its last line
-    holds the original message.
-    """
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(text.split())
-
-
 # ----------------------------------------------------------------------------- flags
 def check_flags(args: argparse.Namespace) -> None:
+    check_model_given(args)
     check_resolution(args.resolution)
+    if getattr(args, "max_nonfinite_steps", 1) < 1:
+        raise InputError(f"--max_nonfinite_steps {args.max_nonfinite_steps}: expected at least 1")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise InputError(
+            "--report_to wandb with --hub_token would expose your token: use `huggingface-cli login` instead of --hub_token"
+        )
     check_on_bad_image(getattr(args, "on_bad_image", "skip"))
     requested, source = effective_mixed_precision(args.mixed_precision)
-    check_mixed_precision(requested, source, training_device_type(), bf16_supported)
+    device_type = training_device_type()
+    check_mixed_precision(requested, source, device_type, bf16_supported)
+    check_optional_features(args, device_type)
+    caching.check_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
         check_output_dir(args.logging_dir, "--logging_dir")
     check_resume(args.resume_from_checkpoint, args.output_dir)
+
+
+def check_model_given(args: argparse.Namespace) -> None:
+    """The embedded tiny pipeline only when nothing real is asked for, or when asked for by name.
+
+    A dataset without a model would otherwise train the tiny random pipeline on real data: refused,
+    naming the missing flag. (A real model without a dataset is refused by :func:`check_dataset`, after
+    the model folder itself was checked.)
+    """
+    for flag in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir"):
+        if getattr(args, flag, None) == "":
+            raise InputError(f"--{flag} is empty: give a path or hub id (or leave the flag out)")
+    if args.pretrained_model_name_or_path is None and not getattr(args, "embedded_model", False):
+        given = f"--dataset_name {args.dataset_name}" if args.dataset_name is not None else f"--train_data_dir {args.train_data_dir}"
+        raise InputError(
+            f"--pretrained_model_name_or_path is required with {given} (e.g. stabilityai/stable-diffusion-xl-base-1.0;"
+            f" --pretrained_model_name_or_path {EMBEDDED} trains the embedded tiny test pipeline on it)"
+        )
+
+
+def check_optional_features(args: argparse.Namespace, device_type: str) -> None:
+    """Flags that need a library or a device this run does not have: one line each, before any download."""
+    if args.use_8bit_adam and getattr(args, "use_npu_fused_adamw", False):
+        raise InputError("--use_8bit_adam and --use_npu_fused_adamw exclude each other; choose one")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam needs the bitsandbytes library: pip install bitsandbytes")
+    if getattr(args, "use_npu_fused_adamw", False) and device_type != "npu":
+        raise InputError(f"--use_npu_fused_adamw needs an Ascend NPU (torch_npu); this run trains on the {device_type}")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
+    if args.enable_npu_flash_attention and device_type != "npu":
+        raise InputError(f"--enable_npu_flash_attention needs an Ascend NPU (torch_npu); this run trains on the {device_type}")
+    if device_type == "mps" and args.mixed_precision == "bf16":
+        raise InputError("--mixed_precision bf16 is not supported on MPS; use fp16 or no")
 
 
 def check_resolution(resolution: int) -> None:
@@ -114,8 +146,7 @@ def training_device_type() -> str:
     Asked of accelerate's availability helpers rather than of ``PartialState()``: creating that state
     here would initialise the process group before the Accelerator's own settings could apply.
     """
-    import torch
-    import accelerate.utils as accelerate_utils
+    import accelerate.utils as accelerate_utils  # heavy: preflight of a bad flag stays fast without it
 
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return "cpu"
@@ -131,7 +162,6 @@ def training_device_type() -> str:
 
 def bf16_supported(device_type: str) -> bool:
     """Whether ``device_type`` trains in bfloat16 (CPU autocast does; older GPUs and NPUs may not)."""
-    import torch
 
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -270,6 +300,11 @@ def check_dataset(args: argparse.Namespace) -> Any:
     if getattr(args, "embedded_dataset", False):
         check_columns(EMBEDDED_DATASET_COLUMNS, args, "the embedded dataset")
         return None
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError(
+            f"--dataset_name or --train_data_dir is required with --pretrained_model_name_or_path"
+            f" {args.pretrained_model_name_or_path} (--dataset_name {EMBEDDED} trains on the embedded shapes dataset)"
+        )
     check_dataset_location(args.dataset_name, args.train_data_dir)
     source = dataset_source(args)
     dataset = load_dataset_or_explain(args, source)
@@ -295,11 +330,9 @@ def check_dataset_location(dataset_name: str | None, train_data_dir: str | None)
 
 
 def _require_data_directory(path: str, flag: str, expected: str) -> None:
-    from trainer.data import _has_data_files
-
     root = Path(path).expanduser()
     _require_directory(root, flag, path)
-    if not _has_data_files(str(root)):
+    if not data.has_data_files(str(root)):
         raise InputError(f"{flag} {path} has no data: expected {expected}")
 
 
@@ -322,12 +355,11 @@ def load_dataset_or_explain(args: argparse.Namespace, source: str) -> Any:
     from datasets.data_files import EmptyDatasetError
     from datasets.exceptions import DatasetNotFoundError
 
-    from trainer.data import load_train_dataset
 
     flag = "--dataset_name" if args.dataset_name is not None else "--train_data_dir"
     try:
         with _quiet_datasets():
-            return load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+            return data.load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
     except ValueError as error:
         if "corresponds to no data" in str(error):  # datasets' words for a split with zero rows
             raise InputError(f"dataset {source} has no rows") from None

@@ -58,10 +58,12 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def isolated_global_rngs() -> Iterator[None]:
-    """Run a block (validation, caching) without changing the global RNG streams training draws from."""
+    """Run a block (validation, caching) without changing the global RNG streams training draws from:
+    Python's, NumPy's, torch's CPU generator and the accelerator's (CUDA or Ascend NPU) generators."""
     python_state = random.getstate()
     numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=_accelerator_devices()):
+    device_type, devices = accelerator_rng_devices()
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
         try:
             yield
         finally:
@@ -69,10 +71,18 @@ def isolated_global_rngs() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-def _accelerator_devices() -> list[int]:
-    # fork_rng also saves/restores the CUDA generators; NPU generators are not touched by validation's
-    # seeded torch.Generator, so CPU + CUDA is what matters.
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+def accelerator_rng_devices() -> tuple[str, list[int]]:
+    """(device type, device indices) whose generators :func:`isolated_global_rngs` forks.
+
+    Training draws its noise and timesteps on the accelerator; a validation pipeline may draw from the
+    same generator, so it is saved and restored there as on CUDA (``torch.npu`` is torch_npu's module,
+    with the same ``get_rng_state``/``set_rng_state`` API that ``fork_rng`` calls).
+    """
+    for device_type in ("cuda", "npu"):
+        module = getattr(torch, device_type, None)
+        if module is not None and module.is_available():
+            return device_type, list(range(module.device_count()))
+    return "cuda", []
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

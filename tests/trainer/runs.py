@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainer.testing_hooks import MARKER
+from tests.trainer.fault_entry import MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -26,18 +26,28 @@ TINY = [
 
 
 def trainer_env(cache: Path, **extra: str) -> dict[str, str]:
-    """The test process's environment for a trainer subprocess: shared asset cache, no stray test hooks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NPU_KERNELS_TEST_")}
+    """The test process's environment for a trainer subprocess: the shared asset cache, the repository importable."""
+    env = dict(os.environ)
     env["NPU_KERNELS_CACHE"] = str(cache)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
 
-def run_trainer(argv: Sequence[str], cache: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """``python -m trainer.sdxl_lora argv`` to completion."""
+def trainer_command(argv: Sequence[str], faults: Sequence[str] = ()) -> list[str]:
+    """``python -m trainer.sdxl_lora argv``, or with ``faults`` the test-only entry point that injects them
+    (``tests/trainer/fault_entry.py``: e.g. ``["--pause_at_step", "5"]``)."""
+    if faults:
+        return [sys.executable, "-m", "tests.trainer.fault_entry", *faults, "--", *argv]
+    return [sys.executable, "-m", "trainer.sdxl_lora", *argv]
+
+
+def run_trainer(
+    argv: Sequence[str], cache: Path, timeout: float = 300, faults: Sequence[str] = (), **env: str
+) -> subprocess.CompletedProcess:
+    """The trainer (see :func:`trainer_command`) to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "trainer.sdxl_lora", *argv],
+        trainer_command(argv, faults),
         cwd=REPO, env=trainer_env(cache, **env), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -45,12 +55,12 @@ def run_trainer(argv: Sequence[str], cache: Path, timeout: float = 300, **env: s
 class BackgroundRun:
     """A trainer subprocess whose stderr goes to a file, so the test can wait for a test-hook line."""
 
-    def __init__(self, argv: Sequence[str], cache: Path, log_dir: Path, **env: str) -> None:
+    def __init__(self, argv: Sequence[str], cache: Path, log_dir: Path, faults: Sequence[str] = (), **env: str) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
         self._stdout, self._stderr = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.sdxl_lora", *argv],
+            trainer_command(argv, faults),
             cwd=REPO, env=trainer_env(cache, **env), stdout=self._stdout, stderr=self._stderr,
             start_new_session=True,  # its own process group: signal it and its dataloader workers together
         )  # fmt: skip

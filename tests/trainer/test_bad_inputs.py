@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import data, preflight
+from trainer import data, errors
 from trainer.embedded_default import ensure_assets
-from trainer.preflight import InputError
+from trainer.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well under a second
@@ -284,7 +284,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    base = ["--output_dir", str(out), "--cache_dir", str(hf_cache), "--report_to", "none", "--resolution", "64",
+    # The embedded model by name: a dataset alone is refused (test_dataset_without_model_is_refused); the
+    # model cases below override it (the last flag wins).
+    base = ["--pretrained_model_name_or_path", "embedded", "--output_dir", str(out), "--cache_dir", str(hf_cache), "--report_to", "none", "--resolution", "64",
             "--max_train_steps", "2", "--train_batch_size", "2", "--num_validation_images", "0"]  # fmt: skip
     argv = base + case.build(tmp_path, assets, monkeypatch)  # later flags win
     before = files_under(tmp_path)
@@ -294,7 +296,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     seconds = time.perf_counter() - started
 
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert status == preflight.EXIT_STATUS, stderr
+    assert status == errors.EXIT_INPUT_ERROR, stderr
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     assert re.search(case.message, errors[0].removeprefix("error: ")), errors[0]
@@ -444,9 +446,9 @@ def test_bad_images_are_skipped_counted_and_modes_converted_in_a_real_run(
     captions = ["a red square", "a blue circle", "", "a green square", "a white square", "a yellow circle"]
     root = write_parquet(tmp_path / "mixed", {"image": images, "text": captions})
     out = tmp_path / "out"
-    argv = ["--dataset_name", str(root), "--output_dir", str(out), "--cache_dir", str(hf_cache), "--report_to", "none",
-            "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "3", "--num_validation_images", "0",
-            "--dataloader_num_workers", "1"]  # fmt: skip
+    argv = ["--pretrained_model_name_or_path", "embedded", "--dataset_name", str(root), "--output_dir", str(out),
+            "--cache_dir", str(hf_cache), "--report_to", "none", "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "3", "--num_validation_images", "0", "--dataloader_num_workers", "1"]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         status, stderr = run_cli(argv)
     assert status == 0, stderr

@@ -164,7 +164,7 @@ def imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_kernels_on_and_off_give_the_same_loss_curve(tmp_path: Path, cache_env: Path, imagefolder: Path) -> None:
     """Same seed, same data: the fused kernels must not change what is learned (also: imagefolder end to end)."""
     common = [
-        "--train_data_dir", str(imagefolder), "--max_train_steps", "8", "--seed", "7",
+        "--pretrained_model_name_or_path", "embedded", "--train_data_dir", str(imagefolder), "--max_train_steps", "8", "--seed", "7",
         "--num_validation_images", "0", "--report_to", "none", "--snr_gamma", "5.0",
     ]  # fmt: skip
     on, _, _ = run_main(common + ["--output_dir", str(tmp_path / "on"), "--kernels", "on"])

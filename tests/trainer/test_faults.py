@@ -2,7 +2,8 @@
 
 Subprocess runs of ``python -m trainer.sdxl_lora`` (tiny embedded model, 6 steps, a checkpoint every 2)
 are killed with SIGKILL in the middle of a step and in the middle of a checkpoint write, stopped with
-SIGTERM/SIGINT, or fed a NaN loss; test hooks (``trainer.testing_hooks``) pause them at the exact point.
+SIGTERM/SIGINT, or fed a NaN loss; the test-only entry point ``tests.trainer.fault_entry`` runs them with
+hooks (``trainer.hooks``) that pause them at the exact point.
 Resumed runs must end at the LoRA weights of the uninterrupted run, bit for bit.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.runs import LORA_FILE, TINY, BackgroundRun, file_digests, lora_bytes, run_trainer, summary
-from trainer import atomic, checkpointing, testing_hooks
+from trainer import atomic, checkpointing
 from trainer.embedded_default import ensure_assets
 
 EVERY_2 = [*TINY, "--checkpointing_steps", "2"]
@@ -49,7 +50,7 @@ def _resume(out: Path, cache: Path) -> dict:
 
 def test_sigkill_mid_step_then_resume_reaches_the_uninterrupted_weights(tmp_path: Path, cache: Path, reference: Path) -> None:
     out = tmp_path / "out"
-    run = BackgroundRun([*EVERY_2, "--output_dir", str(out)], cache, tmp_path / "logs", **{testing_hooks.PAUSE_AT_STEP: "5"})
+    run = BackgroundRun([*EVERY_2, "--output_dir", str(out)], cache, tmp_path / "logs", faults=["--pause_at_step", "5"])
     assert "paused in optimizer step 5" in run.wait_for_hook()
     run.kill()  # after backward of step 5, before its optimizer update
     assert checkpointing.complete_checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
@@ -63,8 +64,8 @@ def test_sigkill_mid_step_then_resume_reaches_the_uninterrupted_weights(tmp_path
 
 def test_sigkill_mid_checkpoint_write_leaves_no_corrupt_checkpoint(tmp_path: Path, cache: Path, reference: Path) -> None:
     out = tmp_path / "out"
-    env = {testing_hooks.PAUSE_IN_CHECKPOINT_WRITE: "4"}
-    run = BackgroundRun([*EVERY_2, "--output_dir", str(out)], cache, tmp_path / "logs", **env)
+    faults = ["--pause_in_checkpoint_write", "4"]
+    run = BackgroundRun([*EVERY_2, "--output_dir", str(out)], cache, tmp_path / "logs", faults=faults)
     assert "paused writing checkpoint 4" in run.wait_for_hook()
     run.kill()  # the LoRA layers are written, the optimizer and RNG states are not
     partial = out / ".checkpoint-4.partial"
@@ -86,7 +87,7 @@ def test_stop_signal_saves_checkpoint_and_lora_then_exits_cleanly(
     SLURM's SIGTERM to every process of the job): the workers must not die before the main process saved."""
     out = tmp_path / "out"
     argv = [*EVERY_2, "--dataloader_num_workers", "2", "--output_dir", str(out)]
-    run = BackgroundRun(argv, cache, tmp_path / "logs", **{testing_hooks.PAUSE_AT_STEP: "3"})
+    run = BackgroundRun(argv, cache, tmp_path / "logs", faults=["--pause_at_step", "3"])
     run.wait_for_hook()
     run.send(signum, group=True)  # during step 3: it is finished, then saved
     assert run.wait() == 0, run.stderr()[-3000:]
@@ -113,7 +114,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_outputs(tmp_pat
 
     failed = run_trainer(
         [*EVERY_2, "--resume_from_checkpoint", "latest", "--output_dir", str(out)], cache,
-        **{testing_hooks.NAN_LOSS_AT_STEP: "3"},
+        faults=["--nan_loss_at_steps", "3"],
     )  # fmt: skip
     assert failed.returncode == 1
     error = failed.stderr.strip().splitlines()[-1]

@@ -42,7 +42,7 @@ def test_encode_prompt_matches_the_sdxl_pipeline(pipeline: Any) -> None:
     prompts = ["a red circle on a blue background", "a green square on a white background"]
     ids = [pipeline.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids,
            pipeline.tokenizer_2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids]  # fmt: skip
-    embeds, pooled = loop.encode_prompt([pipeline.text_encoder, pipeline.text_encoder_2], ids)
+    embeds, pooled = models.encode_prompt([pipeline.text_encoder, pipeline.text_encoder_2], ids)
     expected, _, expected_pooled, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False)
     assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 32)
     torch.testing.assert_close(embeds, expected)
