@@ -20,6 +20,7 @@ _NON_LAUNCHING = {
     "size", "sym_size", "stride", "sym_stride", "numel", "sym_numel", "dim", "is_contiguous", "storage_offset",
     "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "set_", "resize_",
     "_unsafe_view", "_reshape_alias",  # views in all but schema
+    "promote_types", "result_type",  # dtype arithmetic
 }
 
 

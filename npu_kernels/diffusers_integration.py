@@ -102,7 +102,8 @@ class FusedAttnProcessor:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        # Dividing by 1.0 (SDXL's factor) changes no value: skipping it saves an op forward and backward.
+        return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else hidden_states
 
 
 # ----------------------------------------------------------------------------- fused forwards
@@ -142,7 +143,8 @@ def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch
         if self.training:  # diffusers: avoids DDP's gradient-stride warning
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    output = input_tensor + hidden_states
+    return output / self.output_scale_factor if self.output_scale_factor != 1.0 else output  # / 1.0 is exact
 
 
 def _norm_silu_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:

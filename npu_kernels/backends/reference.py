@@ -4,8 +4,9 @@ It runs on any device and any floating dtype (float64 included), so it is also t
 other backends are tested against. Every backend module exports this same contract:
 
 * ``geglu_forward(x, approximate) -> out`` / ``geglu_backward(grad_out, x, approximate) -> grad_x``
-* ``group_norm_silu_forward(x, num_groups, weight, bias, eps) -> (out, mean, rstd)`` with float32
-  ``mean``/``rstd`` of shape ``[N, num_groups]``, and
+* ``group_norm_silu_forward(x, num_groups, weight, bias, eps) -> (out, mean, rstd)`` with
+  ``mean``/``rstd`` of shape ``[N, num_groups]`` in float32, or in the dtype a backend's
+  ``group_norm_silu_stat_dtype(x, weight, bias)`` names (its backward's dtype), and
   ``group_norm_silu_backward(grad_out, x, weight, bias, mean, rstd, num_groups) -> (gx, gw, gb)``
 * ``flash_attention_forward(q, k, v, attn_mask, scale) -> (out, lse)`` with float32 ``lse`` ``[B, H, Sq]``
   and ``flash_attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale) -> (dq, dk, dv)``; the
@@ -50,20 +51,24 @@ def geglu_backward(grad_out: Tensor, x: Tensor, approximate: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ GroupNorm + SiLU
-def _affine_for_native(param: Tensor | None, x: Tensor, fill: float) -> Tensor:
-    """Affine parameter in float32 (float64 for float64 input) on the CPU: ATen's CPU GroupNorm then
-    keeps its statistics in float32 for half-precision inputs (its "mixed type" path) instead of
-    rounding them to bfloat16. Other devices' kernels want the input's dtype (CUDA accumulates in
-    float32 inside the kernel anyway)."""
-    dtype = torch.promote_types(x.dtype, torch.float32) if x.device.type == "cpu" else x.dtype
-    if param is None:
-        return torch.full((x.shape[1],), fill, dtype=dtype, device=x.device)
-    return param.to(dtype)
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+def group_norm_silu_stat_dtype(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> torch.dtype:
+    """The dtype of the mean/rstd :func:`group_norm_silu_forward` returns, which is the dtype its
+    backward needs them in.
+
+    On the CPU, half-precision input goes through ATen's "mixed type" path (float32 affine
+    parameters), which keeps the statistics in float32: precise, and what stock ``F.group_norm``
+    does there under autocast. Elsewhere they are in ``x``'s dtype, as ATen's GroupNorm returns
+    them: CUDA's backward kernel and aclnnGroupNormBackward (mean/rstd "same dtype as gradOut")
+    refuse float32 statistics with a half-precision gradient.
+    """
+    return torch.float32 if x.device.type == "cpu" and x.dtype in _HALF else x.dtype
+
+
+def _native_param(param: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return param if param is None or param.dtype == dtype else param.to(dtype)
 
 
 def _group_norm_sizes(x: Tensor) -> tuple[int, int, int]:
@@ -74,12 +79,34 @@ def _group_norm_sizes(x: Tensor) -> tuple[int, int, int]:
 def group_norm_silu_forward(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # ATen's vectorised GroupNorm (any memory format), then SiLU in place on its fresh output.
-    out, mean, rstd = torch.native_group_norm(
-        x, _affine_for_native(weight, x, 1.0), _affine_for_native(bias, x, 0.0),
-        *_group_norm_sizes(x), num_groups, eps,
-    )
+    # ATen's vectorised GroupNorm (any memory format), then SiLU in place on its fresh output: the
+    # two ATen ops of stock F.silu(F.group_norm(...)).
+    dtype = group_norm_silu_stat_dtype(x)
+    weight, bias = _native_param(weight, dtype), _native_param(bias, dtype)
+    if dtype != x.dtype and weight is None and bias is None:
+        # ATen takes the mixed-type path only with a float32 parameter present: one small [C] tensor.
+        weight = torch.ones(x.shape[1], dtype=dtype, device=x.device)
+    out, mean, rstd = torch.native_group_norm(x, weight, bias, *_group_norm_sizes(x), num_groups, eps)
     return F.silu(out, inplace=True), mean, rstd
+
+
+def _pre_activation(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int) -> Tensor:
+    """``y = (x - mean)·rstd·w + b``, the GroupNorm output SiLU saw, recomputed from the saved
+    statistics (the one recompute: stock autograd keeps this full-size tensor for SiLU's backward).
+
+    Three ATen ops: ``x - mean`` (centred first: folding the mean into a shift cancels badly when
+    |mean|·rstd is large), ``rstd·w`` on an ``[N, G, C/G]`` block, and one ``addcmul``/``mul``.
+    Grouped views stand in for ``repeat_interleave``: ``x`` as ``[N, G, C/G, *spatial]``.
+    """
+    n, c = x.shape[:2]
+    spatial = (1,) * (x.dim() - 2)
+    grouped = x.unflatten(1, (num_groups, c // num_groups))
+    stat = lambda t: t.view((n, num_groups, 1) + spatial)  # noqa: E731
+    param = lambda t: t.view((num_groups, c // num_groups) + spatial)  # noqa: E731
+    centred = grouped - stat(mean)
+    scale = stat(rstd) if weight is None else stat(rstd) * param(weight)
+    y = centred.mul_(scale) if bias is None else torch.addcmul(param(bias), centred, scale)
+    return y.flatten(1, 2)
 
 
 def group_norm_silu_backward(
@@ -91,26 +118,33 @@ def group_norm_silu_backward(
     rstd: Tensor,
     num_groups: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Backward from the saved statistics: recompute y = (x - mean)·rstd·w + b, never the mean/rstd."""
-    n, c, hw = _group_norm_sizes(x)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w = _affine_for_native(weight, x, 1.0)
-    view = (n, c) + (1,) * (x.dim() - 2)
-    per_channel = lambda stat: stat.to(acc).repeat_interleave(c // num_groups, dim=1).view(view)  # noqa: E731
-    affine = lambda param: param.view((1, c) + view[2:])  # noqa: E731
-    # Centre first, in float32: folding the mean into a shift (x·s + (b - mean·s)) cancels badly
-    # when |mean|·rstd is large. y only feeds SiLU's derivative, so it may then drop to x's dtype.
-    y = (x - per_channel(mean)).mul_(per_channel(rstd) * affine(w)).add_(affine(_affine_for_native(bias, x, 0.0)))
+    """Backward from the saved statistics: recompute y = (x - mean)·rstd·w + b, never the mean/rstd.
+
+    The statistics go to ATen's backward as given. Off the CPU they must be in the gradient's
+    dtype (CUDA's kernel and aclnnGroupNormBackward both require it), which is what
+    :func:`group_norm_silu_forward` returns there; a caller holding other statistics casts them.
+    """
+    y = _pre_activation(x, weight, bias, mean, rstd, num_groups)
+    if y.dtype != x.dtype:  # the CPU's mixed-type path: y came out float32, its backward wants dY in x's dtype
+        y = y.to(x.dtype)
     # ATen's GroupNorm backward wants the gradient in the input's memory format.
-    grad_y = torch.ops.aten.silu_backward(grad_out.to(x.dtype), y.to(x.dtype)).contiguous(memory_format=_memory_format(x))
+    grad_y = torch.ops.aten.silu_backward(grad_out, y)
+    if not grad_y.is_contiguous(memory_format=_memory_format(x)):
+        grad_y = grad_y.contiguous(memory_format=_memory_format(x))
     grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-        grad_y, x, mean, rstd, w, n, c, hw, num_groups, [True, weight is not None, bias is not None]
+        grad_y, x, mean, rstd, _native_param(weight, group_norm_silu_stat_dtype(x)), *_group_norm_sizes(x),
+        num_groups, [True, weight is not None, bias is not None],
     )
     return (
         grad_x,
-        grad_weight.to(weight.dtype) if weight is not None else None,
-        grad_bias.to(bias.dtype) if bias is not None else None,
+        grad_weight if weight is None or grad_weight.dtype == weight.dtype else grad_weight.to(weight.dtype),
+        grad_bias if bias is None or grad_bias.dtype == bias.dtype else grad_bias.to(bias.dtype),
     )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -132,7 +166,9 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
         )
-        return out, lse.to(torch.promote_types(q.dtype, torch.float32))
+        # float32 logsumexp (float64 for float64 inputs); a plain conditional, because
+        # torch.promote_types is itself a dispatched ATen op.
+        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     # Math path for other devices: materialises one [B, H, Sq, Skv] score block, saves nothing.
     scores = _scores(q, k, attn_mask, scale)
     lse = torch.logsumexp(scores, dim=-1)

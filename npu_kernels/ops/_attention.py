@@ -26,7 +26,7 @@ def _out_like_sdpa(q: Tensor, v: Tensor) -> Tensor:
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
     """The logsumexp is float32 (float64 for float64 inputs, the reference)."""
-    return torch.promote_types(q.dtype, torch.float32)
+    return torch.float64 if q.dtype == torch.float64 else torch.float32  # promote_types would dispatch an op
 
 
 def register(op: str) -> tuple:
@@ -80,10 +80,13 @@ def register(op: str) -> tuple:
             # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
             output = kernel(backend, f"{op}_forward")(q, k, v, attn_mask, scale)
             setup_context(ctx, (q, k, v, attn_mask, scale, backend), output)
+            ctx.set_materialize_grads(False)  # the logsumexp gets no gradient: no zeros tensor for it
             return output
 
         @staticmethod
-        def backward(ctx, grad_out: Tensor, _grad_lse):
+        def backward(ctx, grad_out: Tensor | None, _grad_lse):
+            if grad_out is None:  # unmaterialised: the output did not reach the loss
+                return None, None, None, None, None, None
             q, k, v, attn_mask, out, lse = ctx.saved_tensors
             dq, dk, dv = kernel(ctx.backend, f"{op}_backward")(
                 grad_out, q, k, v, out, lse, attn_mask, ctx.scale
