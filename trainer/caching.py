@@ -113,6 +113,7 @@ class LatentEntry:
     original_size: tuple[int, int]
     crop_top_lefts: list[tuple[int, int]]
     parameters: list[torch.Tensor]
+    filename: str | None = None  # the image file's name, for --debug_loss (None: not from a named file)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def build_latent_cache(
     done: list[tuple[int, LatentEntry] | _Failure] = []
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
-            pending: list[tuple[int, tuple[int, int], list[tuple[int, int]], list[torch.Tensor]]] = []
+            pending: list[tuple[int, tuple[int, int], list[tuple[int, int]], list[torch.Tensor], str | None]] = []
             for index in indices[start : start + batch_size]:
                 row = raw[index]
                 value = row[preprocessor.image_column]
@@ -163,15 +164,15 @@ def build_latent_cache(
                         )
                     )
                     continue
-                pending.append((index, variants[0][1], [v[2] for v in variants], [v[0] for v in variants]))
+                pending.append((index, variants[0][1], [v[2] for v in variants], [v[0] for v in variants], data.image_filename(image)))
             if not pending:
                 continue
             pixels = torch.stack([p for item in pending for p in item[3]]).to(accelerator.device, dtype=vae_dtype)
             parameters = vae.encode(pixels).latent_dist.parameters.cpu()
             per_image = len(flips)
-            for n, (index, original, crops, _) in enumerate(pending):
+            for n, (index, original, crops, _, filename) in enumerate(pending):
                 params = [parameters[n * per_image + k].clone() for k in range(per_image)]
-                done.append((index, LatentEntry(original, crops, params)))
+                done.append((index, LatentEntry(original, crops, params, filename)))
     entries: dict[int, LatentEntry] = {}
     bad: dict[int, str] = {}
     for item in _gather(accelerator, done):
@@ -231,7 +232,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         entry = self.entries[index]
         variant = 1 if (self.preprocessor.random_flip and random.random() < 0.5) else 0
         caption = self.preprocessor.captions([self.raw_captions[index]], rows=[index])[0]
-        return {
+        example = {
             LATENT_KEY: entry.parameters[variant],
             "original_sizes": entry.original_size,
             "crop_top_lefts": entry.crop_top_lefts[variant],
@@ -239,6 +240,9 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             "input_ids_two": data.tokenize_prompt(self.preprocessor.tokenizer_two, [caption])[0],
             data.SKIPPED_KEY: skipped,
         }
+        if self.preprocessor.debug_loss and entry.filename:  # as the uncached transform: --debug_loss only
+            example["filenames"] = entry.filename
+        return example
 
 
 class CachingCollate:
@@ -259,6 +263,8 @@ class CachingCollate:
             skipped = [problem for e in examples for problem in e.get(data.SKIPPED_KEY) or ()]
             if skipped:
                 batch[data.SKIPPED_KEY] = skipped
+            if all("filenames" in e for e in examples):  # --debug_loss, every image from a named file
+                batch["filenames"] = [e["filenames"] for e in examples]
         else:
             batch = data.collate_fn(examples)
         if self.text_cache is not None:

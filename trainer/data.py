@@ -193,6 +193,11 @@ def _image_error_text(error: BaseException) -> str:
     return "image file is truncated" if "truncated" in text.lower() else text
 
 
+def image_filename(image: Any) -> str | None:
+    """The base name of the file PIL read ``image`` from (None for images decoded from bytes)."""
+    return os.path.basename(getattr(image, "filename", "") or "") or None
+
+
 def to_rgb(image: Any) -> Any:
     """8-bit RGB from any PIL mode, without the surprises of ``image.convert("RGB")``:
 
@@ -297,7 +302,7 @@ class SDXLPreprocessor:
                 names.append(None)
             else:
                 bad_images.append(None)
-                names.append(os.path.basename(getattr(image, "filename", "") or "") or None)
+                names.append(image_filename(image))
             pixel_values.append(pixels)
             original_sizes.append(original_size)
             crop_top_lefts.append(crop_top_left)

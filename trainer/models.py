@@ -231,8 +231,7 @@ def apply_kernels(unet: torch.nn.Module, enabled: bool, geglu_approximate: str =
         return {"enabled": False}
     import npu_kernels  # imports its kernels (seconds): not before a run needs them
 
-    options = {} if geglu_approximate == "none" else {"geglu_approximate": geglu_approximate}
-    report = npu_kernels.optimize(unet, **options)
+    report = npu_kernels.optimize(unet, geglu_approximate=geglu_approximate)
     logger.info(str(report))
     return {"enabled": True, "geglu_approximate": geglu_approximate, **report.as_dict()}
 

@@ -62,27 +62,33 @@ def isolated_global_rngs() -> Iterator[None]:
     Python's, NumPy's, torch's CPU generator and the accelerator's (CUDA or Ascend NPU) generators."""
     python_state = random.getstate()
     numpy_state = np.random.get_state()
-    device_type, devices = accelerator_rng_devices()
-    with torch.random.fork_rng(devices=devices, device_type=device_type):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    cpu_state = torch.get_rng_state()
+    module, devices = accelerator_rng_devices()
+    # What torch.random.fork_rng does, by hand: fork_rng looks the device module up by device-type name,
+    # and "npu" is only a device type once torch_npu has renamed PrivateUse1.
+    device_states = [module.get_rng_state(index) for index in devices] if module is not None else []
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu_state)
+        for index, state in zip(devices, device_states):
+            module.set_rng_state(state, index)
 
 
-def accelerator_rng_devices() -> tuple[str, list[int]]:
-    """(device type, device indices) whose generators :func:`isolated_global_rngs` forks.
+def accelerator_rng_devices() -> tuple[Any, list[int]]:
+    """(``torch.cuda`` or ``torch.npu``, device indices) whose generators :func:`isolated_global_rngs` forks.
 
     Training draws its noise and timesteps on the accelerator; a validation pipeline may draw from the
-    same generator, so it is saved and restored there as on CUDA (``torch.npu`` is torch_npu's module,
-    with the same ``get_rng_state``/``set_rng_state`` API that ``fork_rng`` calls).
+    same generator, so it is saved and restored on NPU as on CUDA (``torch.npu`` is torch_npu's module,
+    with CUDA's ``get_rng_state``/``set_rng_state`` API). (None, []) on a CPU-only machine.
     """
     for device_type in ("cuda", "npu"):
         module = getattr(torch, device_type, None)
         if module is not None and module.is_available():
-            return device_type, list(range(module.device_count()))
-    return "cuda", []
+            return module, list(range(module.device_count()))
+    return None, []
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

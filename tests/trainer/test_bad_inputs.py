@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import data, errors
+from trainer import data, preflight
+from trainer.errors import EXIT_INPUT_ERROR
 from trainer.embedded_default import ensure_assets
 from trainer.errors import InputError
 
@@ -296,7 +297,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     seconds = time.perf_counter() - started
 
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert status == errors.EXIT_INPUT_ERROR, stderr
+    assert status == EXIT_INPUT_ERROR, stderr
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     assert re.search(case.message, errors[0].removeprefix("error: ")), errors[0]

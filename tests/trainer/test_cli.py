@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Every argument of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py and its default.
 DIFFUSERS_FLAGS: dict[str, object] = {
-    "pretrained_model_name_or_path": None,  # required there; here None selects the embedded pipeline
+    "pretrained_model_name_or_path": None,  # required there; here too, unless no dataset is given either
     "pretrained_vae_model_name_or_path": None,
     "revision": None,
     "variant": None,
@@ -71,7 +71,10 @@ DIFFUSERS_FLAGS: dict[str, object] = {
     "rank": 4,
     "debug_loss": False,
 }
-OUR_FLAGS = {"vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None}
+OUR_FLAGS = {
+    "vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None,
+    "use_npu_fused_adamw": False, "max_nonfinite_steps": 5, "geglu_approximate": "none",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

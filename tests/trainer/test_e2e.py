@@ -79,8 +79,10 @@ def test_embedded_default_summary(embedded_run: dict[str, Any]) -> None:
     assert written["final_train_loss"] == written["loss_history"][-1]
     assert len(written["peak_memory_bytes_per_device"]) == 1 and written["peak_memory_bytes_per_device"][0] > 0
     assert written["kernels"]["enabled"] and written["kernels"]["attention_processors"] > 0
-    assert written["backends"] and all(isinstance(v, str) for v in written["backends"].values())
-    assert written["embedded_default"] is True
+    # op -> {backend: calls}, counted while training
+    assert written["backends"] and all(v and all(n > 0 for n in v.values()) for v in written["backends"].values())
+    assert written["embedded_pipeline"] is True and written["embedded_dataset"] is True
+    assert written["skipped_steps"] == 0 and written["nonfinite_loss_steps"] == 0
     # Learning is visible: the loss of the last fifth of the run is below that of the first fifth.
     losses = written["loss_history"]
     fifth = len(losses) // 5
@@ -162,7 +164,8 @@ def imagefolder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_kernels_on_and_off_give_the_same_loss_curve(tmp_path: Path, cache_env: Path, imagefolder: Path) -> None:
-    """Same seed, same data: the fused kernels must not change what is learned (also: imagefolder end to end)."""
+    """Same seed, same data: the fused kernels must not change the loss curve (also: the embedded pipeline on
+    one's own imagefolder, asked for by name)."""
     common = [
         "--pretrained_model_name_or_path", "embedded", "--train_data_dir", str(imagefolder), "--max_train_steps", "8", "--seed", "7",
         "--num_validation_images", "0", "--report_to", "none", "--snr_gamma", "5.0",
@@ -170,12 +173,9 @@ def test_kernels_on_and_off_give_the_same_loss_curve(tmp_path: Path, cache_env: 
     on, _, _ = run_main(common + ["--output_dir", str(tmp_path / "on"), "--kernels", "on"])
     off, _, _ = run_main(common + ["--output_dir", str(tmp_path / "off"), "--kernels", "off"])
     assert on["kernels"]["enabled"] and not off["kernels"]["enabled"]
+    assert on["embedded_pipeline"] and off["embedded_pipeline"]  # asked for by name, and said so
     assert on["steps"] == off["steps"] == 8
     np.testing.assert_allclose(on["loss_history"], off["loss_history"], rtol=2e-3, atol=1e-4)
-
-    from safetensors.torch import load_file
-
-    lora_on, lora_off = load_file(tmp_path / "on" / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "off" / "pytorch_lora_weights.safetensors")
-    assert lora_on.keys() == lora_off.keys()
-    for key in lora_on:
-        torch.testing.assert_close(lora_on[key], lora_off[key], rtol=1e-2, atol=1e-4)
+    # The weights after AdamW are not compared: Adam normalises the gradients, so a scale error in a
+    # kernel's backward would hardly show. tests/trainer/test_semantics.py compares one step's raw LoRA
+    # gradients instead (test_kernels_on_and_off_give_the_same_raw_lora_gradients).

@@ -56,21 +56,30 @@ def test_time_ids_match_the_sdxl_pipeline(pipeline: Any) -> None:
     assert ids[1].tolist() == [64, 96, 0, 16, 64, 64]
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_weighting(prediction_type: str) -> None:
+@pytest.mark.parametrize(
+    "prediction_type,expected",
+    [
+        # SNR = alpha_bar / (1 - alpha_bar) = 4 and 2/3; weights min(SNR, 1) / SNR = 1/4 and 1
+        # (epsilon), min(SNR, 1) / (SNR + 1) = 1/5 and 2/5 (v-prediction); per-sample MSE 4 and 1.
+        ("epsilon", (4 * 0.25 + 1 * 1.0) / 2),  # 1.0
+        ("v_prediction", (4 * 0.2 + 1 * 0.4) / 2),  # 0.6
+    ],
+)
+def test_min_snr_weighting_by_hand(prediction_type: str, expected: float) -> None:
+    """Two timesteps with betas 0.2 and 0.5 (alpha_bar 0.8 and 0.4), gamma 1: every number by hand."""
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
 
-    scheduler = DDPMScheduler(prediction_type=prediction_type)
-    timesteps = torch.tensor([10, 500, 990])
-    pred, target = torch.randn(3, 4, 8, 8, dtype=torch.bfloat16), torch.randn(3, 4, 8, 8)
-    snr = compute_snr(scheduler, timesteps)
-    weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
-    per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
-    loss = loop.diffusion_loss(pred, target, timesteps, scheduler, 5.0)
+    scheduler = DDPMScheduler(num_train_timesteps=2, trained_betas=[0.2, 0.5], prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 1])
+    pred = torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16)
+    target = torch.stack([torch.full((4, 8, 8), 2.0), torch.full((4, 8, 8), 1.0)])  # MSE 4 and 1
+    loss = loop.diffusion_loss(pred, target, timesteps, scheduler, 1.0)
     assert loss.dtype == torch.float32  # MSE in fp32 whatever the prediction dtype
-    torch.testing.assert_close(loss, (per_sample * weight).mean())
-    torch.testing.assert_close(loop.diffusion_loss(pred, target, timesteps, scheduler, None), per_sample.mean())
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loop.diffusion_loss(pred, target, timesteps, scheduler, None).item() == pytest.approx(2.5)  # (4 + 1) / 2
+    # gamma above both SNRs: epsilon weights SNR / SNR = 1, i.e. the plain MSE.
+    if prediction_type == "epsilon":
+        assert loop.diffusion_loss(pred, target, timesteps, scheduler, 10.0).item() == pytest.approx(2.5)
 
 
 def test_mixed_precision_dtypes_and_lora_config(model_dir: str) -> None:
@@ -190,3 +199,33 @@ def test_kernels_and_lora_work_in_either_order(model_dir: str) -> None:
         for model in (lora_then_kernels, kernels_then_lora):
             assert any(type(p).__name__ == "FusedAttnProcessor" for p in model.attn_processors.values())
             torch.testing.assert_close(model(x, t, context, added_cond_kwargs=cond).sample, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_on_and_off_give_the_same_raw_lora_gradients(model_dir: str) -> None:
+    """One step's LoRA gradients, before any optimizer (Adam's normalisation would hide a scale error):
+    the fused kernels against stock diffusers modules, per element, same weights, batch and noise."""
+    def gradients(kernels: bool) -> dict[str, torch.Tensor]:
+        components = models.load_components(_args(model_dir), torch.device("cpu"), "no")
+        torch.manual_seed(5)
+        models.add_lora(components, 4, train_text_encoder=False)
+        with torch.no_grad():  # gaussian init leaves B at zero, so A would get no gradient: randomise B
+            for name, p in components.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        models.apply_kernels(components.unet, kernels)
+        components.unet.train()
+        torch.manual_seed(0)
+        loop.training_loss(_step_context(components), _batch(components)).backward()
+        return {n: p.grad for n, p in components.unet.named_parameters() if p.requires_grad}
+
+    stock, fused = gradients(False), gradients(True)
+    assert stock.keys() == fused.keys() and len(stock) > 0
+    for name in stock:
+        assert stock[name].abs().max() > 0, f"{name}: no gradient, nothing compared"
+        # Per element: float32 maths on both sides, summed in a different order: |fused - stock| <=
+        # 1e-3 |stock| + 1e-3 RMS(stock). A scale error or a wrong element fails; rounding does not.
+        ref, got = stock[name].double(), fused[name].double()
+        assert torch.isfinite(got).all(), name
+        bound = 1e-3 * ref.abs() + 1e-3 * ref.square().mean().sqrt()
+        excess = (got - ref).abs() / bound
+        assert excess.max() <= 1, f"{name}: {int((excess > 1).sum())} of {ref.numel()} elements out of tolerance (worst x{excess.max():.2f})"
