@@ -10,6 +10,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from peft import LoraConfig
 
 import npu_kernels
+from tests import reference
 from tests.tiny_unet import tiny_sdxl_inputs, tiny_sdxl_unet
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -189,3 +190,141 @@ def test_frozen_layers_keep_no_input_for_backward():
     layer.weight.requires_grad_(True)  # unfrozen: the stock path again, with a weight gradient
     layer(x).sum().backward()
     assert layer.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA layers
+def _lora_block(**config) -> torch.nn.Module:
+    """Two Linear layers with PEFT LoRA (B random so that LoRA matters), base frozen."""
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 8, bias=False))
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"], **config), model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            param.data.normal_(std=0.2)
+    return model
+
+
+@pytest.fixture
+def lora_calls(monkeypatch):
+    """How many times the optimized LoRA layers ran npu_kernels.lora_linear."""
+    from npu_kernels import peft_lora
+
+    calls = []
+    original = peft_lora.lora_linear
+    monkeypatch.setattr(peft_lora, "lora_linear", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def _run(model, x):
+    for param in model.parameters():
+        param.grad = None
+    out = model(x)
+    if out.requires_grad:  # disabled adapters freeze their weights too
+        out.backward(torch.ones_like(out))
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_layers_run_lora_linear_and_match_peft(lora_calls):
+    stock = _lora_block()
+    model = copy.deepcopy(stock)
+    report = npu_kernels.optimize(model)
+    assert report.lora_layers == 2 and not report.lora_fallbacks
+    x = torch.randn(3, 5, 16)
+    actual, expected = _run(model, x), _run(stock, x)
+    assert len(lora_calls) == 2
+    reference.assert_close(actual[0], expected[0], torch.float32, "output")
+    assert actual[1].keys() == expected[1].keys() and actual[1]
+    for name in expected[1]:
+        reference.assert_close(actual[1][name], expected[1][name], torch.float32, name)
+    npu_kernels.restore(model)
+    _run(model, x)
+    assert len(lora_calls) == 2  # restored: PEFT's forward again
+
+
+@pytest.mark.parametrize(
+    "make_state, reason",
+    [
+        (lambda m: (_lora_block(lora_dropout=0.1), None), "dropout"),
+        (lambda m: (m, m[0].merge()), "merged"),
+        (lambda m: (m, [layer.enable_adapters(False) for layer in m]), "disabled"),
+        (lambda m: (_lora_block(use_dora=True), None), "DoRA"),
+        (lambda m: (m, None), "two adapters"),
+    ],
+    ids=["dropout", "merged", "disabled", "dora", "two-adapters"],
+)
+def test_lora_fallbacks_keep_peft_forward(make_state, reason, lora_calls):
+    """Anything lora_linear does not compute exactly runs PEFT's own forward, also when the state
+    changes after optimize(); the report names the layers and why at optimize() time."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    model, _ = make_state(_lora_block())
+    if reason == "two adapters":
+        for layer in model:
+            layer.update_layer("second", r=2, lora_alpha=2, config=LoraConfig(r=2, lora_alpha=2))
+            layer.set_adapter(["default", "second"])
+    stock = copy.deepcopy(model)
+    report = npu_kernels.optimize(model)
+    if reason != "merged":
+        assert report.lora_fallbacks and all(r.split(": ", 1)[1] for r in report.lora_fallbacks)
+    x = torch.randn(4, 16)
+    torch.manual_seed(0)
+    actual = _run(model, x)
+    torch.manual_seed(0)
+    expected = _run(stock, x)
+    patched_layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    calls_expected = 1 if reason == "merged" else 0  # only layer 0 was merged
+    assert len(lora_calls) == calls_expected, (reason, len(patched_layers))
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=1e-6)
+    if reason == "dropout":  # eval mode makes dropout the identity: the fused path runs
+        model.eval()
+        model(x)
+        assert len(lora_calls) == 2
+
+
+def test_lora_state_changes_after_optimize_are_followed(lora_calls):
+    model = _lora_block()
+    npu_kernels.optimize(model)
+    x = torch.randn(2, 16)
+    before = model(x).detach()
+    assert len(lora_calls) == 2
+    model[0].merge()  # merged: base weight holds the update, PEFT's forward runs
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-5)
+    assert len(lora_calls) == 3
+    model[0].unmerge()
+    for layer in model:
+        layer.enable_adapters(False)
+    disabled = model(x).detach()
+    assert len(lora_calls) == 3 and not torch.allclose(disabled, before)
+    for layer in model:
+        layer.enable_adapters(True)
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-5)
+    assert len(lora_calls) == 5
+
+
+def test_lora_keys_values_and_peft_state_dict_untouched(stock_run):
+    from peft.utils import get_peft_model_state_dict
+
+    stock_unet, _ = stock_run
+    unet = copy.deepcopy(stock_unet)
+    before = get_peft_model_state_dict(unet)
+    report = npu_kernels.optimize(unet)
+    assert report.lora_layers == 4 * report.attention_processors > 0
+    forward_backward(unet)  # a training step's forward/backward with the kernels on
+    after = get_peft_model_state_dict(unet)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_geglu_approximate_tanh():
+    from diffusers.models.activations import GEGLU
+
+    module = GEGLU(8, 6)
+    x = torch.randn(2, 3, 8)
+    expected = reference.geglu(module.proj(x).double(), "tanh")
+    npu_kernels.optimize(module, geglu_approximate="tanh")
+    reference.assert_close(module(x), expected, torch.float32, "tanh GEGLU")
+    with pytest.raises(ValueError, match="geglu_approximate"):
+        npu_kernels.optimize(GEGLU(8, 6), geglu_approximate="sigmoid")
