@@ -107,7 +107,7 @@ class WorkerSignals:
     @classmethod
     def main_process_stopping(cls) -> None:
         for instance in list(cls._instances):
-            instance._set(cls.STOPPING)
+            instance._set(cls.STOPPING)  # noqa: SLF001 - the class's own instances
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

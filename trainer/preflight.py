@@ -2,14 +2,20 @@
 
 ``python -m trainer.sdxl_lora`` calls :func:`run` right after parsing its flags, before the accelerator is
 created, the output directory made or a model loaded. Each check raises :class:`InputError` with one line
-that names the flag, file or column and says what was expected; the CLI (``trainer.sdxl_lora.cli``)
+that names the flag, file or column and says what was expected (:mod:`trainer.errors`); the CLI (``trainer.sdxl_lora.cli``)
 prints it as ``error: <line>`` and exits with status 2, so a bad launch costs seconds and leaves the
 output directory as it was.
 
 What is checked:
 
+* what to train: a dataset needs ``--pretrained_model_name_or_path`` and a model a dataset (the embedded
+  assets only with neither, or by the name ``embedded``); no flag given as an empty string;
 * flags: ``--resolution`` (a positive multiple of 8), ``--mixed_precision`` against the device,
-  ``--output_dir`` / ``--logging_dir`` (creatable and writable), ``--resume_from_checkpoint`` (exists);
+  ``--output_dir`` / ``--logging_dir`` (creatable and writable), ``--resume_from_checkpoint`` (exists),
+  ``--max_nonfinite_steps`` (at least 1), the caching flags (``trainer.caching.check_flags``);
+* flags that need a library or device: ``--use_8bit_adam`` (bitsandbytes),
+  ``--enable_xformers_memory_efficient_attention`` (xformers), ``--enable_npu_flash_attention`` and
+  ``--use_npu_fused_adamw`` (an Ascend NPU);
 * the model: a local ``--pretrained_model_name_or_path`` has every SDXL subfolder with its config and
   weights; a local ``--vae_name`` is a diffusers ``AutoencoderKL``;
 * the dataset: it exists and has rows, ``--image_column`` / ``--caption_column`` exist and hold images /

@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
         progress_bar.close()
         training_time = time.perf_counter() - started
         final_step = history.records[-1].step if history.records else initial_global_step
-        interrupted = stop.signal_name or ("a stop request of another process" if history.stopped_early else None)
+        interrupted = stop.signal_name or ("a stop request (another process's signal)" if history.stopped_early else None)
         peak, memory_kind = metrics.peak_memory_bytes(accelerator.device)
         peaks = accelerator.gather(torch.tensor([peak], device=accelerator.device, dtype=torch.int64)).tolist()
         bad_images = _gather_skipped_images(skipped_images)

@@ -25,9 +25,8 @@ import pytest
 from PIL import Image
 
 from trainer import data, preflight
-from trainer.errors import EXIT_INPUT_ERROR
 from trainer.embedded_default import ensure_assets
-from trainer.errors import InputError
+from trainer.errors import EXIT_INPUT_ERROR, InputError
 
 REPO = Path(__file__).resolve().parents[2]
 PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well under a second
@@ -103,7 +102,8 @@ CORRUPT = b"\x89PNG\r\n\x1a\n this is not an image"
 
 def write_parquet(root: Path, columns: dict[str, list[Any]], features: dict[str, Any] | None = None) -> Path:
     """A dataset folder in the layout the trainer reads (``data/train-*.parquet``)."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     if features is None:
         features = {"image": ImageFeature(), "text": Value("string")}
@@ -115,7 +115,8 @@ def write_parquet(root: Path, columns: dict[str, list[Any]], features: dict[str,
 
 def shapes_dataset(root: Path, captions: list[Any] | None = None, caption_feature: Any = None) -> Path:
     """Three small RGB images with the given captions (default: plain strings)."""
-    from datasets import Image as ImageFeature, Value
+    from datasets import Image as ImageFeature
+    from datasets import Value
 
     captions = captions if captions is not None else ["a red square", "a red circle", "a red triangle"]
     features = {"image": ImageFeature(), "text": caption_feature or Value("string")}
@@ -274,7 +275,8 @@ CASES = [
 
 
 def _int_features() -> dict[str, Any]:
-    from datasets import Image as ImageFeature, Value
+    from datasets import Image as ImageFeature
+    from datasets import Value
 
     return {"image": ImageFeature(), "label": Value("int64")}
 

@@ -151,7 +151,9 @@ def debug_runs(tmp_path_factory: pytest.TempPathFactory, assets: Any, imagefolde
         logged: list[dict[str, Any]] = []
         original_log = accelerate.Accelerator.log
 
-        def record(self: Any, values: dict[str, Any], step: int | None = None, log_kwargs: Any = None) -> None:
+        def record(
+            self: Any, values: dict[str, Any], step: int | None = None, log_kwargs: Any = None, logged: list = logged, original_log: Any = original_log
+        ) -> None:
             logged.append(dict(values))
             original_log(self, values, step=step)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.test_e2e import run_main
 from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
+from tests.trainer.test_e2e import run_main
 from trainer import caching, checkpointing, distributed, sampling
 from trainer.embedded_default import ensure_assets
 from trainer.preflight import InputError

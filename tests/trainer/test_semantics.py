@@ -167,9 +167,10 @@ def test_gradient_checkpointing_is_actually_applied(model_dir: str, kernels: str
 
 def test_kernels_and_lora_work_in_either_order(model_dir: str) -> None:
     """optimize() after add_adapter and before it give the stock LoRA UNet's output."""
-    import npu_kernels
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
+
+    import npu_kernels
 
     def unet() -> torch.nn.Module:
         model = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
