@@ -9,6 +9,11 @@ Full size is SDXL's architecture (random weights, built once and cached on disk,
 ``--resolution`` (512 by default) on 8 captioned images; smoke is the embedded tiny pipeline.
 ``extra_info["images_per_s"]`` is the trainer's own figure: images per second after the first 5
 steps, data loading included (its summary's ``fps``).
+
+Each side runs eager and compiled (``--compile``, and ``--compile_mode`` from the benchmarks'
+``--compile-mode``): four rows per precision. ``compile_s`` is the trainer's own report of its
+compile time (summary ``compile_s``); ``speedup_vs_default_eager`` divides this row's images/s by
+that of default flags eager in the same run.
 """
 from __future__ import annotations
 
@@ -18,12 +23,28 @@ import json
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
+from trainer import args as trainer_args
 from trainer import sdxl_lora
 
 FLAGS = {
     "default_flags": ["--kernels", "off"],
     "speed_features": ["--kernels", "on", "--cache_latents", "--cache_text_embeddings"],
 }
+
+
+# images/s of default flags eager per (precision, resolution): the baseline of the other rows.
+_DEFAULT_EAGER_FPS: dict[tuple[str, int], float] = {}
+
+
+def _trainer_has_flag(flag: str) -> bool:
+    parser = trainer_args.build_parser()
+    return flag in parser._option_string_actions
+
+
+def _compile_flags(compile_mode: str) -> list[str]:
+    if not _trainer_has_flag("--compile"):
+        pytest.skip("trainer has no --compile yet")
+    return ["--compile"] + (["--compile_mode", compile_mode] if compile_mode != "default" else [])
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +60,10 @@ def assets(bench_size):
 
 
 @pytest.mark.parametrize("features", list(FLAGS))
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, precision, features):
+def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, precision, mode, features, compile_mode):
+    compile_flags = _compile_flags(compile_mode) if mode == "compiled" else []
     model_dir, dataset_dir = assets
     resolution = resolution if bench_size == "full" else 64
     argv = [
@@ -55,6 +78,7 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
         "--seed", "42",
         "--center_crop",  # a random crop cannot be cached; both sides crop the same way
         *FLAGS[features],
+        *compile_flags,
     ]
     if precision == "bf16":
         argv += ["--vae_name", str(model_dir / "vae")]  # a separate VAE runs in the weight dtype
@@ -70,10 +94,18 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
     benchmark.group = f"trainer_step {precision} {resolution if bench_size == 'full' else 'tiny'}"
     benchmark.pedantic(run, rounds=1, iterations=1)
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    fps = saved.get("fps")
+    if mode == "eager" and features == "default_flags" and fps:
+        _DEFAULT_EAGER_FPS[(precision, resolution)] = fps
+    baseline = _DEFAULT_EAGER_FPS.get((precision, resolution))
     benchmark.extra_info.update(
         impl=features,
+        mode=mode,
+        compile_mode=compile_mode if mode == "compiled" else None,
         precision=precision,
         resolution=resolution,
-        images_per_s=saved.get("fps"),
+        images_per_s=fps,
+        compile_s=saved.get("compile_s"),
+        speedup_vs_default_eager=fps / baseline if fps and baseline else None,
         summary=saved,
     )
