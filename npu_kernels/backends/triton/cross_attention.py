@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from npu_kernels.backends.triton import _device
 from npu_kernels.backends.triton.flash_attention import (
     _LN2,
     LOG2E,
@@ -69,8 +70,8 @@ def _cross_fwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch·heads on axis 0: no 65,535 limit there
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -124,8 +125,8 @@ def _cross_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of ``blocks_per_program`` query blocks, and their partial dK/dV (fp32, one slot per chunk)."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -175,7 +176,7 @@ def _cross_bwd_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     # Partials laid out [chunks, B·H, Skv, D] (contiguous), summed by the wrapper.
-    slot = (chunk.to(tl.int64) * tl.num_programs(1) + bh) * seq_kv
+    slot = (chunk.to(tl.int64) * tl.num_programs(0) + bh) * seq_kv
     tl.store(DK_partial + (slot + cols[:, None]) * head_dim + offs_d[None, :], dk * scale,
              mask=col_valid[:, None] & d_valid[None, :])
     tl.store(DV_partial + (slot + cols[:, None]) * head_dim_v + offs_dv[None, :], dv,
@@ -203,14 +204,15 @@ def cross_attention_forward(
     if q.element_size() * block_n * (block_d + block_dv) > FWD_MAX_KV_TILE_BYTES:
         return flash_attention_forward(q, k, v, attn_mask, scale)  # same maths, K/V streamed in blocks
     block_m = FWD_BLOCK_M if block_n * max(block_d, block_dv) <= FWD_LARGE_TILE else FWD_BLOCK_M_LARGE_TILE
-    grid = (triton.cdiv(seq_q, block_m), batch * heads)
-    _cross_fwd_kernel[grid](
-        q, k, v, mask if mask is not None else q, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-        heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E,
-        HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=FWD_NUM_WARPS, num_stages=1,
-    )
+    grid = (batch * heads, triton.cdiv(seq_q, block_m))
+    with _device.device_guard(q):
+        _cross_fwd_kernel[grid](
+            q, k, v, mask if mask is not None else q, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E,
+            HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=FWD_NUM_WARPS, num_stages=1,
+        )
     return out, lse
 
 
@@ -239,16 +241,17 @@ def cross_attention_backward(
     dk_partial = torch.empty((chunks, batch, heads, seq_kv, head_dim), dtype=torch.float32, device=q.device)
     dv_partial = torch.empty((chunks, batch, heads, seq_kv, head_dim_v), dtype=torch.float32, device=q.device)
 
-    _cross_bwd_kernel[(chunks, bh)](
-        q, k, v, mask if mask is not None else q, out, grad_out, lse, dq, dk_partial, dv_partial,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(), *grad_out.stride(), *dq.stride(),
-        heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E, scale, blocks_per_program,
-        HAS_MASK=mask is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=BWD_NUM_WARPS, num_stages=1,
-    )
-    # fp32 sum over chunks, cast once into k/v's dtype and layout.
-    dk = torch.empty_like(k).copy_(dk_partial.sum(0))
-    dv = torch.empty_like(v).copy_(dv_partial.sum(0))
+    with _device.device_guard(q):
+        _cross_bwd_kernel[(bh, chunks)](
+            q, k, v, mask if mask is not None else q, out, grad_out, lse, dq, dk_partial, dv_partial,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(), *grad_out.stride(), *dq.stride(),
+            heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E, scale, blocks_per_program,
+            HAS_MASK=mask is not None, BLOCK_M=BWD_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=BWD_NUM_WARPS, num_stages=1,
+        )
+        # fp32 sum over chunks, cast once into k/v's dtype and layout.
+        dk = torch.empty_like(k).copy_(dk_partial.sum(0))
+        dv = torch.empty_like(v).copy_(dv_partial.sum(0))
     return dq, dk, dv
 
 

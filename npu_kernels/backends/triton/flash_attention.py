@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from npu_kernels.backends.triton import _device
+
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·log2(e))
@@ -80,8 +82,8 @@ def _fwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch·heads on axis 0: no 65,535 limit there
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -141,8 +143,8 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """``delta[i] = Σ_d dO[i, d]·O[i, d]`` (= Σ_j P[i, j]·dP[i, j]), fp32."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch·heads on axis 0: no 65,535 limit there
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     valid = (rows < seq_q)[:, None] & (offs_dv < head_dim_v)[None, :]
@@ -176,8 +178,8 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block: stream all query blocks, working on transposed scores Sᵀ [N, M]."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -240,8 +242,8 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block: stream all key/value blocks."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch·heads on axis 0: no 65,535 limit there
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -335,14 +337,15 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
         return out, lse.fill_(float("-inf"))
     block_d, block_dv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n, num_warps, num_stages = _fwd_config(max(block_d, block_dv), q.dtype)
-    grid = (triton.cdiv(seq_q, block_m), batch * heads)
-    _fwd_kernel[grid](
-        q, k, v, mask if mask is not None else q, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-        heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E,
-        HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+    grid = (batch * heads, triton.cdiv(seq_q, block_m))
+    with _device.device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, mask if mask is not None else q, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E,
+            HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        )
     return out, lse
 
 
@@ -364,27 +367,28 @@ def flash_attention_backward(
     mask_arg = mask if mask is not None else q
 
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(seq_q, PREPROCESS_BLOCK_M), bh)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q, head_dim_v,
-        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
-    )
-    common = (heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E, scale)
-    meta = dict(HAS_MASK=mask is not None, BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=precision,
-                num_warps=BWD_NUM_WARPS if max(block_d, block_dv) <= 64 else 2 * BWD_NUM_WARPS,
-                num_stages=BWD_NUM_STAGES)
+    with _device.device_guard(q):
+        _bwd_preprocess_kernel[(bh, triton.cdiv(seq_q, PREPROCESS_BLOCK_M))](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q, head_dim_v,
+            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=block_dv,
+        )
+        common = (heads, seq_q, seq_kv, head_dim, head_dim_v, scale * LOG2E, scale)
+        meta = dict(HAS_MASK=mask is not None, BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=precision,
+                    num_warps=BWD_NUM_WARPS if max(block_d, block_dv) <= 64 else 2 * BWD_NUM_WARPS,
+                    num_stages=BWD_NUM_STAGES)
 
-    block_m, block_n = BWD_DKDV_BLOCKS
-    _bwd_dkdv_kernel[(triton.cdiv(seq_kv, block_n), bh)](
-        q, k, v, mask_arg, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *common, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
-    )
-    block_m, block_n = BWD_DQ_BLOCKS
-    _bwd_dq_kernel[(triton.cdiv(seq_q, block_m), bh)](
-        q, k, v, mask_arg, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(),
-        *common, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
-    )
+        block_m, block_n = BWD_DKDV_BLOCKS
+        _bwd_dkdv_kernel[(bh, triton.cdiv(seq_kv, block_n))](
+            q, k, v, mask_arg, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *common, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+        )
+        block_m, block_n = BWD_DQ_BLOCKS
+        _bwd_dq_kernel[(bh, triton.cdiv(seq_q, block_m))](
+            q, k, v, mask_arg, grad_out, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *m_strides, *grad_out.stride(), *dq.stride(),
+            *common, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+        )
     return dq, dk, dv
 
 

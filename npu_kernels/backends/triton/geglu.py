@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from npu_kernels.backends.triton import _device
+
 Tensor = torch.Tensor
 
 # Columns per program (a power of two); the row count per program fills ELEMENTS_PER_PROGRAM.
@@ -143,10 +145,11 @@ def geglu_forward(x: Tensor, approximate: str) -> Tensor:
     if out.numel():
         block_m, block_n = _blocks(n_rows, half)
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(half, block_n))
-        _geglu_fwd_kernel[grid](
-            x2, out, n_rows, half, x2.stride(0), out.stride(0),
-            APPROX=approx, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-        )
+        with _device.device_guard(x2):
+            _geglu_fwd_kernel[grid](
+                x2, out, n_rows, half, x2.stride(0), out.stride(0),
+                APPROX=approx, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            )
     return out.view(*x.shape[:-1], half)
 
 
@@ -161,10 +164,11 @@ def geglu_backward(grad_out: Tensor, x: Tensor, approximate: str) -> Tensor:
     if grad_x.numel():
         block_m, block_n = _blocks(n_rows, half)
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(half, block_n))
-        _geglu_bwd_kernel[grid](
-            go2, x2, grad_x, n_rows, half, go2.stride(0), x2.stride(0), grad_x.stride(0),
-            APPROX=approx, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-        )
+        with _device.device_guard(x2):
+            _geglu_bwd_kernel[grid](
+                go2, x2, grad_x, n_rows, half, go2.stride(0), x2.stride(0), grad_x.stride(0),
+                APPROX=approx, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            )
     return grad_x.view(x.shape)
 
 
