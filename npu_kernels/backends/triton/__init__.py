@@ -18,12 +18,12 @@ import os
 
 import torch
 
-from npu_kernels.backends.triton import flash_attention as _flash_attention
 from npu_kernels.backends.triton import cross_attention as _cross_attention
+from npu_kernels.backends.triton import flash_attention as _flash_attention
 from npu_kernels.backends.triton import geglu as _geglu
 from npu_kernels.backends.triton import group_norm_silu as _group_norm_silu
-from npu_kernels.backends.triton.flash_attention import flash_attention_backward, flash_attention_forward
 from npu_kernels.backends.triton.cross_attention import cross_attention_backward, cross_attention_forward
+from npu_kernels.backends.triton.flash_attention import flash_attention_backward, flash_attention_forward
 from npu_kernels.backends.triton.geglu import geglu_backward, geglu_forward
 from npu_kernels.backends.triton.group_norm_silu import group_norm_silu_backward, group_norm_silu_forward
 

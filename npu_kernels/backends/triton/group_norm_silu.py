@@ -446,7 +446,7 @@ def _layout(t: Tensor) -> tuple[Tensor, int, int, int]:
     read in place; any other layout is copied to contiguous, because the kernels address a sample
     with one channel stride and one spatial stride.
     """
-    n, c = t.shape[0], t.shape[1]
+    c = t.shape[1]
     s = math.prod(t.shape[2:])
     if t.is_contiguous():
         return t, c * s, s, 1
