@@ -303,6 +303,24 @@ def test_group_norm_silu_launch_counts(monkeypatch, request, path, layout):
     assert aten.ops <= _NO_LAUNCH_OPS, f"work outside the kernels: {sorted(aten.ops - _NO_LAUNCH_OPS)}"
 
 
+def test_group_norm_silu_public_op_adds_no_launches(monkeypatch):
+    """Through ``npu_kernels.group_norm_silu`` on the Triton backend (custom op + autograd), a
+    forward+backward still launches 1 + 2 kernels and nothing else: the per-call cost a user pays."""
+    import npu_kernels
+
+    x = _randn(2, 6, 5, 7).requires_grad_()
+    weight, bias = _randn(6).requires_grad_(), _randn(6).requires_grad_()
+    grad_out = _randn(2, 6, 5, 7)
+    log = _LaunchLog(monkeypatch, gns)
+    aten = _AtenLog()
+    with npu_kernels.use_backend("triton"), aten:
+        out = npu_kernels.group_norm_silu(x, 3, weight, bias)
+        out.backward(grad_out)
+    assert log.names() == ["_fwd_fused_kernel", "_bwd_reduce_kernel", "_bwd_apply_kernel"]
+    assert aten.ops <= _NO_LAUNCH_OPS, f"work outside the kernels: {sorted(aten.ops - _NO_LAUNCH_OPS)}"
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
+
+
 def test_group_norm_silu_deterministic_without_atomics(split_path):
     """No atomics in the kernels, and two runs give bitwise identical results."""
     source = inspect.getsource(gns)
