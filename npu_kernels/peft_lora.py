@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from npu_kernels.ops.lora_linear import lora_linear
+from npu_kernels.ops._dispatch import tracing
+from npu_kernels.ops.lora_linear import lora_linear, lora_linear_shared_input
 
 try:  # PEFT is optional: without it there are no LoRA layers to patch
     from peft.tuners.lora import Linear as _PeftLinear
@@ -61,20 +62,58 @@ def _same_dtypes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(p is None or p.dtype == x.dtype for p in params)
 
 
-def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``lora.Linear.forward`` as one ``lora_linear`` node when that is the same maths, else PEFT's."""
-    if args or kwargs or fallback_reason(self) is not None:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    base = self.base_layer
+def _fast_path_params(layer: nn.Module, x: torch.Tensor):
+    """``(weight, bias, lora_A, lora_B, scale)`` when ``lora_linear`` computes exactly PEFT's forward
+    for this layer and input now, else ``None``."""
+    if fallback_reason(layer) is not None:
+        return None
+    name = layer.active_adapters[0]
+    base = layer.base_layer
     weight, bias = base.weight, base.bias
-    lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     if torch.is_autocast_enabled(x.device.type):
         # PEFT casts x to lora_A's dtype, then autocast casts every GEMM operand to its dtype: the
         # same values as casting straight to the autocast dtype, unless lora_A's dtype is narrower.
         narrower = lora_A.dtype not in (torch.float32, torch.get_autocast_dtype(x.device.type))
         if narrower or _AUTOCAST_IGNORES in (x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype):
-            return type(self).forward(self, x)
+            return None
     elif not _same_dtypes(x, weight, bias, lora_A, lora_B):
-        return type(self).forward(self, x)  # PEFT's type promotion between base and LoRA dtypes
-    return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling[name])
+        return None  # PEFT's type promotion between base and LoRA dtypes
+    return weight, bias, lora_A, lora_B, layer.scaling[name]
+
+
+def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``lora.Linear.forward`` as one ``lora_linear`` node when that is the same maths, else PEFT's."""
+    params = None if args or kwargs else _fast_path_params(self, x)
+    if params is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_linear(x, *params)
+
+
+def _runs_plain_fast_path(module: nn.Module) -> bool:
+    """Our patched forward, and no hook that calling it directly would skip."""
+    return (
+        getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+    )
+
+
+def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``tuple(m(x) for m in modules)`` as one autograd node (self-attention's to_q/to_k/to_v), or
+    ``None`` when that is not exactly the same: a layer not on the fused path, an unfrozen base,
+    hooks, or tracing (under torch.compile each projection stays its own custom op)."""
+    if tracing() or _global_module_hooks():
+        return None
+    layers = []
+    for module in modules:
+        if not _runs_plain_fast_path(module) or (params := _fast_path_params(module, x)) is None:
+            return None
+        weight, bias = params[0], params[1]
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        layers.append(params)
+    return lora_linear_shared_input(x, layers)
+
+
+def _global_module_hooks() -> bool:
+    return bool(torch.nn.modules.module._has_any_global_hook())

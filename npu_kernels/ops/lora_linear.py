@@ -182,3 +182,88 @@ def lora_linear(
     if tracing():
         return _lora_linear(x, weight, bias, lora_A, lora_B, scale)[0]
     return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scale)
+
+
+# ------------------------------------------------------------- projections sharing one input
+class _EagerSharedInputLora(torch.autograd.Function):
+    """Several LoRA projections of one ``x`` (self-attention's to_q/to_k/to_v) as one node.
+
+    One GEMM gives every ``x Aᵢᵀ`` (the ``Aᵢ`` stacked), ``x`` is saved once, and the input
+    gradient accumulates in place in one buffer instead of being summed by autograd afterwards.
+    Frozen base weights only (the caller checks).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales, *params):
+        layers = [params[i : i + 4] for i in range(0, len(params), 4)]  # (weight, bias, lora_A, lora_B)
+        x2d = _as_2d(x)
+        stacked_A = torch.cat([A for _w, _b, A, _B in layers])
+        xa = torch.mm(x2d, stacked_A.t())
+        outs, offset = [], 0
+        for (weight, bias, lora_A, lora_B), scale in zip(layers, scales):
+            out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+            rank = lora_A.shape[0]
+            out.addmm_(xa[:, offset : offset + rank], lora_B.t(), alpha=scale)
+            offset += rank
+            outs.append(out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.scales, ctx.x_shape, ctx.n = scales, x.shape, len(layers)
+        ctx.save_for_backward(x2d, xa, stacked_A, *[t for w, _b, A, B in layers for t in (w, A, B)])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2d, xa, stacked_A, *saved = ctx.saved_tensors
+        layers = [saved[i : i + 3] for i in range(0, len(saved), 3)]  # (weight, lora_A, lora_B)
+        scales = ctx.scales
+        g2ds = [_as_2d(g) for g in grads]
+        # u = [g₁B₁ | g₂B₂ | ...]: one buffer, so that one GEMM serves every Aᵢ below.
+        u = torch.cat([torch.mm(g2d, lora_B) for (_w, _A, lora_B), g2d in zip(layers, g2ds)], dim=1)
+        blocks, offset = [], 0
+        for _w, lora_A, _B in layers:
+            blocks.append((offset, lora_A.shape[0]))
+            offset += lora_A.shape[0]
+        same_scale = all(s == scales[0] for s in scales)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g2ds[0], layers[0][0])
+            for (weight, _A, _B), g2d in zip(layers[1:], g2ds[1:]):
+                grad_x.addmm_(g2d, weight)
+            if same_scale:
+                grad_x.addmm_(u, stacked_A, alpha=scales[0])
+            else:
+                for (_w, lora_A, _B), (start, rank), scale in zip(layers, blocks, scales):
+                    grad_x.addmm_(u[:, start : start + rank], lora_A, alpha=scale)
+            grad_x = grad_x if len(ctx.x_shape) == 2 else grad_x.view(ctx.x_shape)
+        if same_scale:
+            stacked_grad_A = torch.addmm(stacked_A, u.t(), x2d, beta=0, alpha=scales[0])
+            grads_A = [stacked_grad_A[start : start + rank] for start, rank in blocks]
+        else:
+            grads_A = [
+                torch.addmm(A, u[:, start : start + rank].t(), x2d, beta=0, alpha=scale)
+                for (_w, A, _B), (start, rank), scale in zip(layers, blocks, scales)
+            ]
+        param_grads = []
+        for (_w, _A, lora_B), g2d, (start, rank), scale, grad_A in zip(layers, g2ds, blocks, scales, grads_A):
+            grad_B = torch.addmm(lora_B, g2d.t(), xa[:, start : start + rank], beta=0, alpha=scale)
+            param_grads += [None, None, grad_A, grad_B]
+        return grad_x, None, *param_grads
+
+
+def lora_linear_shared_input(
+    x: Tensor, layers: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]]
+) -> tuple[Tensor, ...]:
+    """``lora_linear(x, *layer)`` for each layer, as one autograd node (eager calls only).
+
+    Every base weight and bias must be frozen (no gradient); under autocast the operands are cast
+    as :func:`lora_linear` casts them. ``x`` is cast once and saved once.
+    """
+    if (dtype := _autocast_dtype(x)) is not None:
+        cast = lambda t: t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype)  # noqa: E731
+        x = cast(x)
+        layers = [(cast(w), cast(b), cast(A), cast(B), s) for w, b, A, B, s in layers]
+    for weight, bias, lora_A, lora_B, _scale in layers:
+        _check(x, weight, bias, lora_A, lora_B)
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("lora_linear_shared_input: base weights and biases must be frozen")
+    params = [t for w, b, A, B, _s in layers for t in (w, b, A, B)]
+    return _EagerSharedInputLora.apply(x, tuple(float(s) for *_p, s in layers), *params)
