@@ -328,3 +328,35 @@ def test_geglu_approximate_tanh():
     reference.assert_close(module(x), expected, torch.float32, "tanh GEGLU")
     with pytest.raises(ValueError, match="geglu_approximate"):
         npu_kernels.optimize(GEGLU(8, 6), geglu_approximate="sigmoid")
+
+
+def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
+    """Self-attention's LoRA q/k/v run as one node (x saved once) and match stock; a hook on a
+    projection keeps the per-layer calls so that the hook still fires."""
+    from npu_kernels import peft_lora
+
+    torch.manual_seed(5)
+    attn = Attention(32, heads=4, dim_head=8)
+    attn.requires_grad_(False)
+    from peft import inject_adapter_in_model
+
+    attn = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), attn)
+    with torch.no_grad():
+        for name, param in attn.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    stock = copy.deepcopy(attn)
+    npu_kernels.optimize(attn)
+    shared = []
+    original = peft_lora.lora_linear_shared_input
+    monkeypatch.setattr(peft_lora, "lora_linear_shared_input", lambda *a: shared.append(1) or original(*a))
+    x = torch.randn(2, 9, 32)
+    actual, expected = _run(attn, x), _run(stock, x)
+    assert len(shared) == 1
+    reference.assert_close(actual[0], expected[0], torch.float32, "output")
+    for name in expected[1]:
+        reference.assert_close(actual[1][name], expected[1][name], torch.float32, name)
+    seen = []
+    attn.to_k.register_forward_hook(lambda *a: seen.append(1))
+    _run(attn, x)
+    assert len(shared) == 1 and seen == [1]
