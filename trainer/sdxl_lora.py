@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
             logger.warning(f"{len(bad_images)} unreadable image(s) skipped (--on_bad_image skip); listed in summary.json")
         if args.push_to_hub and repo_id is not None and not interrupted:
             _push_to_hub(args, repo_id, final_paths)
-    _teardown(accelerator, run, step_context)
+    _teardown(accelerator, run, step_context, validator)
     return summary
 
 
@@ -377,7 +377,7 @@ def npu_kernels_selections() -> Any:
     return backends.count_selections()
 
 
-def _teardown(accelerator: Any, run: PreparedRun, step_context: StepContext) -> None:
+def _teardown(accelerator: Any, run: PreparedRun, step_context: StepContext, validator: Validator) -> None:
     """On every process: drop the DDP wrappers (each holds the process group), meet, destroy the group.
 
     Left to the wrappers' destructors after a peer has exited, the gloo group's teardown can hang
@@ -387,6 +387,7 @@ def _teardown(accelerator: Any, run: PreparedRun, step_context: StepContext) -> 
     run.text_encoders.clear()
     run.trainable_modules.clear()
     step_context.unet = step_context.text_encoders = None
+    validator.unet, validator.text_encoders = None, []
     accelerator.free_memory()
     gc.collect()  # now, not at exit: a wrapper may sit in a reference cycle
     accelerator.wait_for_everyone()

@@ -103,7 +103,9 @@ class Validator:
         text_encoders: Sequence[torch.nn.Module],
     ) -> None:
         self.args, self.accelerator, self.components, self.unwrap = args, accelerator, components, unwrap
-        self.unet, self.text_encoders = unet, list(text_encoders)
+        # The (wrapped) models being trained; the recipe drops them after training (see sdxl_lora._teardown).
+        self.unet: torch.nn.Module | None = unet
+        self.text_encoders: list[torch.nn.Module] = list(text_encoders)
         self.paths: list[str] = []
 
     def __call__(self, epoch: int) -> None:
