@@ -69,6 +69,8 @@ SPLIT_NUM_WARPS = 8  # the most; smaller tiles get fewer
 # Partials merged per vector step in the apply kernels; parameter-gradient reduction block.
 MAX_BLOCK_CHUNKS = 1024
 MAX_BLOCK_PARAM = 64
+# CUDA's limit on grid axes 1 and 2 (axis 0, batch·groups, allows 2**31 - 1).
+MAX_GRID_AXIS_1 = 65535
 # In-sample offsets are int32 (the sample base is int64): C*S must stay below this.
 MAX_SAMPLE_ELEMENTS = 2**31 - 1
 
@@ -139,6 +141,11 @@ def launch_plan(
     wanted_s_chunks = max(1, triton.cdiv(per_group, num_c_blocks))
     s_blocks_per_chunk = max(1, num_s_blocks // wanted_s_chunks)  # round down: at least the target
     s_chunks = triton.cdiv(num_s_blocks, s_blocks_per_chunk)  # no empty chunk
+    if num_c_blocks * s_chunks > MAX_GRID_AXIS_1:  # only for absurd C/G: fewer, longer chunks
+        s_blocks_per_chunk, s_chunks = num_s_blocks, 1
+        if num_c_blocks > MAX_GRID_AXIS_1:
+            raise ValueError(f"group_norm_silu: {cpg} channels per group need {num_c_blocks} channel blocks, "
+                             f"more than the {MAX_GRID_AXIS_1} programs grid axis 1 allows")
     warps = min(SPLIT_NUM_WARPS, max(2, block_c * block_s // 512))  # 16 elements per thread at most
     return Plan(False, block_c, block_s, num_c_blocks, s_chunks, s_blocks_per_chunk, warps)
 
