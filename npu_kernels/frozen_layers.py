@@ -8,41 +8,71 @@ forward and the same input gradient, saving only the weight (already resident).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
+
+
+def _autocast_operands(x: torch.Tensor, *params: torch.Tensor | None) -> tuple:
+    """The operands as autocast would hand them to the GEMM/convolution (unchanged outside autocast).
+
+    Casting here rather than inside ``F.linear`` lets the backward save the weight it actually
+    multiplied with, instead of casting the weight a second time in the backward.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *params)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
+        for t in (x, *params)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor expanded to ``shape``: all ``convolution_backward`` reads of the input
+    it does not differentiate. Cached per shape, so the backward dispatches no allocation for it."""
+    return torch.empty(1, dtype=dtype, device=device).expand(shape)
 
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = F.linear(x, weight, bias)  # autocast, when active, applies here as in nn.Linear
-        ctx.save_for_backward(weight)
         ctx.input_dtype = x.dtype
+        x, weight, bias = _autocast_operands(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        ctx.save_for_backward(weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        # Autocast is off in backward: compute in the output's dtype, as autocast's forward did.
-        grad_x = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        # Autocast is off in backward: compute in the dtype the forward ran in.
+        grad_x = torch.matmul(grad_out.to(weight.dtype), weight)
         return grad_x.to(ctx.input_dtype), None, None
 
 
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups):
+        ctx.input_dtype = x.dtype
+        x, weight, bias = _autocast_operands(x, weight, bias)
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight)
-        ctx.conv = (tuple(x.shape), stride, padding, dilation, groups)
-        ctx.input_dtype = x.dtype
+        ctx.conv = (tuple(x.shape), x.dtype, stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        input_shape, stride, padding, dilation, groups = ctx.conv
-        grad_x = torch.nn.grad.conv2d_input(input_shape, weight.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+        input_shape, dtype, stride, padding, dilation, groups = ctx.conv
+        grad_x, _, _ = torch.ops.aten.convolution_backward(
+            grad_out.to(weight.dtype), _shape_placeholder(input_shape, dtype, grad_out.device), weight, None,
+            _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups, [True, False, False],
+        )
         return grad_x.to(ctx.input_dtype), None, None, None, None, None, None
 
 

@@ -360,3 +360,34 @@ def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
     attn.to_k.register_forward_hook(lambda *a: seen.append(1))
     _run(attn, x)
     assert len(shared) == 1 and seen == [1]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast-fp32-weights"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv-strided-groups"])
+def test_frozen_layers_match_stock_and_dispatch_no_more(layer, autocast):
+    from benchmarks.dispatch_counts import count_dispatches
+
+    torch.manual_seed(2)
+    stock = {
+        "linear": lambda: torch.nn.Linear(12, 10),
+        "conv": lambda: torch.nn.Conv2d(8, 6, 3, padding=1),
+        "conv-strided-groups": lambda: torch.nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2),
+    }[layer]().requires_grad_(False)
+    ours = copy.deepcopy(stock)
+    npu_kernels.optimize(ours)
+    x = torch.randn(2, 5, 12) if layer == "linear" else torch.randn(1, 8, 7, 9)
+
+    def run(module):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(leaf * 1.0)  # a non-leaf input, as inside a network
+        out.backward(torch.ones_like(out))
+        return out.detach(), leaf.grad
+
+    (out, grad), (ref_out, ref_grad) = run(ours), run(stock)
+    assert out.dtype == ref_out.dtype and grad.dtype == ref_grad.dtype
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-6)
+    ours_counts, stock_counts = count_dispatches(lambda: run(ours)), count_dispatches(lambda: run(stock))
+    assert ours_counts.dispatched <= stock_counts.dispatched
+    assert ours_counts.launching <= stock_counts.launching
