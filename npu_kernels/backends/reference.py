@@ -86,8 +86,8 @@ def group_norm_silu_forward(
     if dtype != x.dtype and weight is None and bias is None:
         # ATen takes the mixed-type path only with a float32 parameter present: one small [C] tensor.
         weight = torch.ones(x.shape[1], dtype=dtype, device=x.device)
-    out, mean, rstd = torch.native_group_norm(x, weight, bias, *_group_norm_sizes(x), num_groups, eps)
-    return F.silu(out, inplace=True), mean, rstd
+    out, mean, rstd = torch.native_group_norm(_as_4d(x), weight, bias, *_group_norm_sizes(x), num_groups, eps)
+    return _like(F.silu(out, inplace=True), x), mean, rstd
 
 
 def _pre_activation(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, num_groups: int) -> Tensor:
@@ -120,23 +120,45 @@ def group_norm_silu_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Backward from the saved statistics: recompute y = (x - mean)·rstd·w + b, never the mean/rstd.
 
-    The statistics go to ATen's backward as given. Off the CPU they must be in the gradient's
-    dtype (CUDA's kernel and aclnnGroupNormBackward both require it), which is what
-    :func:`group_norm_silu_forward` returns there; a caller holding other statistics casts them.
+    The statistics go to ATen's backward as given, in the dtype :func:`group_norm_silu_forward`
+    returns them (:func:`group_norm_silu_stat_dtype`).
     """
+    return group_norm_silu_backward_in(
+        group_norm_silu_stat_dtype(x), grad_out, x, weight, bias, mean, rstd, num_groups
+    )
+
+
+def group_norm_silu_backward_in(
+    param_dtype: torch.dtype,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`group_norm_silu_backward` with ATen's ``gamma`` in ``param_dtype``, the dtype of
+    ``mean``/``rstd``: float32 on the CPU's mixed-type path; the gradient's dtype for a device whose
+    backward wants every operand in it (CUDA; aclnnGroupNormBackward on Ascend)."""
+    x_in, x = x, _as_4d(x)
+    if grad_out.dim() != 4:
+        grad_out = grad_out.reshape(x.shape)
     y = _pre_activation(x, weight, bias, mean, rstd, num_groups)
-    if y.dtype != x.dtype:  # the CPU's mixed-type path: y came out float32, its backward wants dY in x's dtype
+    if y.dtype != x.dtype:  # mixed dtypes made y float32; SiLU's backward must give dY in x's dtype
         y = y.to(x.dtype)
     # ATen's GroupNorm backward wants the gradient in the input's memory format.
     grad_y = torch.ops.aten.silu_backward(grad_out, y)
     if not grad_y.is_contiguous(memory_format=_memory_format(x)):
         grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+    gamma = _native_param(weight, param_dtype)
+    if gamma is None and bias is not None:  # ATen allocates the bias gradient like gamma: it needs one
+        gamma = torch.ones(x.shape[1], dtype=param_dtype, device=x.device)
     grad_x, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
-        grad_y, x, mean, rstd, _native_param(weight, group_norm_silu_stat_dtype(x)), *_group_norm_sizes(x),
-        num_groups, [True, weight is not None, bias is not None],
+        grad_y, x, mean, rstd, gamma, *_group_norm_sizes(x), num_groups, [True, weight is not None, bias is not None]
     )
     return (
-        grad_x,
+        _like(grad_x, x_in),
         grad_weight if weight is None or grad_weight.dtype == weight.dtype else grad_weight.to(weight.dtype),
         grad_bias if bias is None or grad_bias.dtype == bias.dtype else grad_bias.to(bias.dtype),
     )
@@ -147,10 +169,52 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _as_4d(x: Tensor) -> Tensor:
+    """``x`` as ``[N, C, S, 1]`` (a view for contiguous and channels-innermost inputs of any rank),
+    in a layout ATen's GroupNorm takes: contiguous or channels_last. Channels-innermost 3-D/5-D
+    inputs thereby keep their layout (ATen's kernel takes channels_last in 4-D only); any other
+    layout is copied once, as stock ``F.group_norm`` does."""
+    if x.dim() == 4:
+        x4 = x
+    elif _channels_innermost(x):
+        n, c = x.shape[:2]
+        spatial = x.numel() // max(n * c, 1)
+        x4 = x.as_strided((n, c, spatial, 1), (spatial * c, 1, c, c))  # same memory, canonical strides
+    else:
+        x4 = x.reshape(x.shape[0], x.shape[1], -1, 1)
+    return x4 if x4.is_contiguous(memory_format=_memory_format(x4)) else x4.contiguous()
+
+
+def _like(t4: Tensor, x: Tensor) -> Tensor:
+    """A result of :func:`_as_4d`'s shape back in ``x``'s shape (and strides, where they match)."""
+    if x.dim() == 4:
+        return t4
+    if _channels_innermost(x) and t4.is_contiguous(memory_format=torch.channels_last):
+        return t4.as_strided(x.shape, x.stride())
+    return t4.view(x.shape)
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Dense with the channels innermost (channels_last of any rank), checked on strides alone."""
+    if x.dim() < 3 or x.stride(1) != 1:
+        return False
+    expected = x.shape[1]
+    for d in range(x.dim() - 1, 1, -1):
+        if x.shape[d] != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return x.shape[0] == 1 or x.stride(0) == expected
+
+
 # ------------------------------------------------------------------------------------- attention
-def _use_cpu_flash(q: Tensor) -> bool:
-    """ATen's CPU flash-attention kernel returns (out, logsumexp): exactly our forward contract."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+def _use_cpu_flash(q: Tensor, v: Tensor) -> bool:
+    """ATen's CPU flash-attention kernel returns (out, logsumexp): exactly our forward contract.
+    It needs v's head dim equal to q's; the math path below takes any."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and q.shape[-1] == v.shape[-1]
+    )
 
 
 def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
@@ -162,7 +226,7 @@ def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Ten
 
 
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    if _use_cpu_flash(q):
+    if _use_cpu_flash(q, v):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
         )
@@ -172,7 +236,9 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
     # Math path for other devices: materialises one [B, H, Sq, Skv] score block, saves nothing.
     scores = _scores(q, k, attn_mask, scale)
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
+    # A fully masked row has lse = -inf: subtracting 0 instead gives it zero probabilities, so its
+    # output and gradients are zeros (the CPU flash kernel's and the Triton kernels' convention).
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
     out = torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
     return out, lse
 
@@ -180,13 +246,13 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
 def flash_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if _use_cpu_flash(q):
+    if _use_cpu_flash(q, v):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask, scale=scale
         )
     # FlashAttention's backward in matrix form: recompute P from the saved logsumexp.
     acc = torch.promote_types(q.dtype, torch.float32)
-    probs = torch.exp(_scores(q, k, attn_mask, scale) - lse.to(acc).unsqueeze(-1))
+    probs = torch.exp(_scores(q, k, attn_mask, scale) - lse.to(acc).nan_to_num(neginf=0.0).unsqueeze(-1))
     grad_out_acc = grad_out.to(acc)
     grad_v = torch.matmul(probs.transpose(-1, -2), grad_out_acc)
     grad_probs = torch.matmul(grad_out_acc, v.to(acc).transpose(-1, -2))

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import compiled_plain_maths, kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, tracing
 
 Tensor = torch.Tensor
 
@@ -16,18 +16,23 @@ def _group_norm_silu(
     x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     out, mean, rstd = kernel(backend, "group_norm_silu_forward")(x, num_groups, weight, bias, eps)
-    stat_dtype = _stat_dtype(x)
+    stat_dtype = _stat_dtype(x, weight, bias, backend)
     return out, mean.to(stat_dtype), rstd.to(stat_dtype)
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    """Statistics are float32, or float64 for float64 inputs (the reference)."""
-    return torch.promote_types(x.dtype, torch.float32)
+def _stat_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None, backend: str) -> torch.dtype:
+    """The dtype the backend's forward returns mean/rstd in, which is the one its backward takes:
+    the backend's ``group_norm_silu_stat_dtype`` where it has one (the PyTorch path: float32 only on
+    the CPU's mixed-type path, the input's dtype elsewhere, as ATen's GroupNorm backward requires on
+    CUDA and Ascend), else float32 (float64 for float64 inputs). Never a float32 cast that a
+    half-precision backward on a non-CPU device would then refuse."""
+    rule = getattr(backends.kernels(backend), "group_norm_silu_stat_dtype", None)
+    return rule(x, weight, bias) if rule is not None else torch.promote_types(x.dtype, torch.float32)
 
 
 @_group_norm_silu.register_fake
 def _(x, num_groups, weight, bias, eps, backend):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x, weight, bias, backend))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
@@ -96,6 +101,7 @@ class _EagerGroupNormSilu(torch.autograd.Function):
         # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
         output = kernel(backend, "group_norm_silu_forward")(x, num_groups, weight, bias, eps)
         _setup_context(ctx, (x, num_groups, weight, bias, eps, backend), output)
+        ctx.set_materialize_grads(False)  # mean/rstd get no gradient: no zeros tensors for them
         return output
 
     @staticmethod
@@ -138,5 +144,8 @@ def group_norm_silu(
     if (plain := compiled_plain_maths("group_norm_silu", x, weight, bias)) is not None:
         return plain(x, num_groups, weight, bias, eps)
     backend = backends.select("group_norm_silu", x, weight, bias)
+    fused = direct(backend, "group_norm_silu")  # e.g. torch_npu's npu_group_norm_swish, autograd included
+    if fused is not None:
+        return fused(x, num_groups, weight, bias, eps)
     function = _group_norm_silu if tracing() else _EagerGroupNormSilu.apply
     return function(x, num_groups, weight, bias, eps, backend)[0]

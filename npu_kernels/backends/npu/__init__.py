@@ -9,16 +9,21 @@ What each op runs (signatures as Ascend documents them; see ``docs/ascend_npu.md
   ``A * gelu(B)`` with A the first and B the second half (diffusers' GEGLU layout) and registers
   the backward itself (``npu_geglu_grad``), so this is autograd-complete. ``approximate`` is an
   index: 0 = erf ("none"), 1 = tanh; its default is 1, so it is always passed explicitly.
-* ``group_norm_silu_forward`` -> ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``,
-  which returns ``(out, mean, rstd)`` but has no registered backward: the dispatcher wraps this
-  forward in its own autograd, whose backward runs from the saved mean/rstd.
+* ``group_norm_silu`` (autograd-complete) -> ``torch_npu.npu_group_norm_swish(x, G, weight, bias,
+  eps=, swish_scale=1.0)[0]`` where the installed torch_npu has it (its backward is torch_npu's,
+  aclnnGroupNormSwishGrad), else ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``
+  with our backward from the returned mean/rstd, kept in the gradient's dtype because
+  aclnnGroupNormBackward refuses anything else (see :mod:`.group_norm_silu`).
 * ``flash_attention`` / ``cross_attention`` -> ``torch_npu.npu_fusion_attention`` with
   ``head_num=H``, ``scale=scale``, ``keep_prob=1.0`` (no dropout), whose backward
   (``npu_fusion_attention_grad``) torch_npu registers itself. Masks are translated from SDPA's
   conventions to torch_npu's: a boolean mask (True = attend) is inverted, because torch_npu's
   ``atten_mask`` is True/1 = *masked out*; an additive mask made only of 0 and -inf becomes such a
   boolean mask; any other additive mask goes in as ``pse`` divided by ``scale``, because torch_npu
-  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``).
+  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``). A query row the mask removes
+  entirely gives zeros (and zero gradients), as on the PyTorch and Triton paths.
+* bfloat16 only on Atlas A2/A3 chips (``torch_npu.npu.get_device_name()`` "Ascend910B*"/
+  "Ascend910_93*"): on older Atlas training chips ``not_supported_reasons`` says so.
 
 Nothing here knows about diffusers.
 """
@@ -30,27 +35,41 @@ import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import fa
 from npu_kernels.backends.npu import flash_attention as _flash_attention_module
 from npu_kernels.backends.npu import geglu as _geglu_module
 from npu_kernels.backends.npu import group_norm_silu as _group_norm_silu_module
-from npu_kernels.backends.npu._common import FUSED_DTYPES
+from npu_kernels.backends.npu._common import FUSED_DTYPES, dtype_reasons, reset_chip_cache
 from npu_kernels.backends.npu.cross_attention import cross_attention
 from npu_kernels.backends.npu.flash_attention import (
     FP32_ATTENTION_ENV,
     MAX_HEAD_DIM,
     flash_attention,
     float32_attention_problem,
-    reset_capability_cache,
 )
+from npu_kernels.backends.npu.flash_attention import reset_capability_cache as _reset_fp32_probe
 from npu_kernels.backends.npu.geglu import GELU_APPROXIMATE, geglu
-from npu_kernels.backends.npu.group_norm_silu import group_norm_silu_forward
+from npu_kernels.backends.npu.group_norm_silu import (
+    HAS_GROUP_NORM_SWISH,
+    group_norm_silu,
+    group_norm_silu_backward,
+    group_norm_silu_forward,
+    group_norm_silu_stat_dtype,
+)
 
 Tensor = torch.Tensor
 
-OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention", "lora_linear")
 
 __all__ = [
-    "FP32_ATTENTION_ENV", "FUSED_DTYPES", "GELU_APPROXIMATE", "MAX_HEAD_DIM",
+    "FP32_ATTENTION_ENV", "FUSED_DTYPES", "GELU_APPROXIMATE", "HAS_GROUP_NORM_SWISH", "MAX_HEAD_DIM",
     "configure_npu_for_training", "cross_attention", "flash_attention", "float32_attention_problem",
-    "geglu", "group_norm_silu_forward", "not_supported_reasons", "reset_capability_cache",
+    "geglu", "group_norm_silu", "group_norm_silu_backward", "group_norm_silu_forward",
+    "group_norm_silu_stat_dtype", "not_supported_reasons", "reset_capability_cache",
 ]
+
+
+def reset_capability_cache() -> None:
+    """Forget the float32-attention probe results and the chip names (tests; or after changing
+    the environment)."""
+    _reset_fp32_probe()
+    reset_chip_cache()
 
 
 def configure_npu_for_training() -> None:
@@ -80,5 +99,8 @@ def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
         return _geglu_module.not_supported_reasons(tensors[0])
     if op == "group_norm_silu":
         return _group_norm_silu_module.not_supported_reasons(*tensors)
+    if op == "lora_linear":
+        # No torch_npu operator: the PyTorch path's ATen GEMMs (addmm with alpha) are the NPU kernels.
+        return dtype_reasons("lora_linear input", [t for t in tensors if t is not None][:1])
     q, k, v, mask = (tuple(tensors) + (None, None, None))[:4]
     return _flash_attention_module.not_supported_reasons(q, k, v, mask)

@@ -7,7 +7,7 @@ import os
 import torch
 import torch_npu
 
-from npu_kernels.backends.npu._common import dtype_reasons
+from npu_kernels.backends.npu._common import chip_reasons, dtype_reasons
 
 Tensor = torch.Tensor
 
@@ -81,6 +81,20 @@ def _layout_for_kernel(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, tuple[Tens
     return "BNSD", (q.contiguous(), k.contiguous(), v.contiguous())
 
 
+def _fully_masked_rows(attn_mask: Tensor | None, atten_mask: Tensor | None) -> Tensor | None:
+    """``[., ., Sq, 1]`` True where a query row may attend to nothing (None without a mask).
+
+    Such a row's result is defined as zeros with zero gradients, what the PyTorch path (ATen's
+    flash kernel) and the Triton kernels give; npu_fusion_attention's is not documented (a
+    "select" to a large negative value would average v uniformly), so the adapter zeroes it.
+    """
+    if atten_mask is not None:
+        return atten_mask.all(dim=-1, keepdim=True)
+    if attn_mask is not None:
+        return torch.isneginf(_as_4d(attn_mask.detach())).all(dim=-1, keepdim=True)
+    return None
+
+
 def fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
     batch, heads, seq_q, _ = q.shape
     full = (batch, heads, seq_q, k.shape[2])
@@ -89,7 +103,9 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     out = torch_npu.npu_fusion_attention(
         qk, kk, vk, heads, layout, pse=pse, atten_mask=atten_mask, scale=float(scale), keep_prob=1.0
     )[0]
-    return out if layout == "BNSD" else out.transpose(1, 2)
+    out = out if layout == "BNSD" else out.transpose(1, 2)
+    dead = _fully_masked_rows(attn_mask, atten_mask)
+    return out if dead is None else out.masked_fill(dead, 0.0)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
@@ -155,7 +171,7 @@ def reset_capability_cache() -> None:
 
 def not_supported_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None) -> list[str]:
     qkv = [t for t in (q, k, v) if t is not None]
-    reasons = dtype_reasons("attention q/k/v", qkv[:1])
+    reasons = dtype_reasons("attention q/k/v", qkv[:1]) + chip_reasons("npu_fusion_attention", q)
     if len({t.dtype for t in qkv}) > 1:
         reasons.append("q, k, v dtypes differ")
     if any(t.dim() != 4 for t in qkv):
@@ -177,8 +193,11 @@ def not_supported_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: T
     for name, t in (("q", q), ("k", k)):
         if t is not None and not 1 <= t.shape[2] <= MAX_SEQ_LEN:
             reasons.append(f"{name} sequence length {t.shape[2]} outside npu_fusion_attention's 1..{MAX_SEQ_LEN}")
-    if k is not None and (k.shape[-1] != head_dim or (v is not None and v.shape[-1] > head_dim)):
-        reasons.append("npu_fusion_attention needs Dq == Dk >= Dv")
+    if k is not None and k.shape[-1] != head_dim:
+        reasons.append(f"npu_fusion_attention needs Dq == Dk, got {head_dim} and {k.shape[-1]}")
+    if k is not None and v is not None and k.shape != v.shape:
+        # The op's page: "key and value shapes must be the same" (so Dv == Dk, Skv of k == Skv of v).
+        reasons.append(f"npu_fusion_attention needs key and value of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if mask is not None:
         if mask.dtype != torch.bool and not mask.is_floating_point():
             reasons.append(f"attn_mask dtype {mask.dtype}: only bool or additive float masks are supported")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch_npu
 
-from npu_kernels.backends.npu._common import dtype_reasons
+from npu_kernels.backends.npu._common import chip_reasons, dtype_reasons
 
 Tensor = torch.Tensor
 
@@ -22,7 +22,7 @@ def geglu(x: Tensor, approximate: str) -> Tensor:
 
 
 def not_supported_reasons(x: Tensor) -> list[str]:
-    reasons = dtype_reasons("geglu input", [x])
+    reasons = dtype_reasons("geglu input", [x]) + chip_reasons("npu_geglu", x)
     if x.dim() == 0 or x.shape[-1] % 2:
         reasons.append(f"geglu needs an even last dimension, got shape {tuple(x.shape)}")
     return reasons

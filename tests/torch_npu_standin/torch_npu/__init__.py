@@ -43,6 +43,34 @@ Documentation followed (retrieved as stored copies; Chinese pages of the Ascend 
   The 6.0.RC3 schema has ``Tensor weight, Tensor bias`` (required); newer ones make them optional.
   This stand-in insists on them, the stricter reading.
 
+Device rules enforced beyond the four ops' own checks (each raises as the device would):
+
+* **Chip generation.** :data:`SOC_VERSION` names the emulated chip (``torch_npu.npu.get_device_name()``
+  returns it). Atlas training-series chips before A2 ("Ascend910A", "Ascend910ProB") have no
+  bfloat16: the aclnn pages list FLOAT16/FLOAT for "Atlas 训练系列产品" and add BFLOAT16 for "Atlas A2
+  训练系列产品" only, e.g. aclnnGroupNormBackward (CANN 8.0 operator API):
+  https://hiascend.com/document/detail/zh/canncommercial/800/apiref/aolapi/context/aclnnGroupNormBackward.md
+  and npu_group_norm_swish is documented for Atlas A2/A3 only (below). Every op here refuses
+  bfloat16 on such a chip; ``npu_group_norm_swish`` refuses to run on it at all.
+* **aclnnGroupNormBackward's dtype rule**: gradOut, input, mean and rstd share one dtype (same page:
+  input/mean/rstd "数据类型与gradOut相同"). On an NPU every ``aten.native_group_norm_backward`` runs
+  that operator; here the tensors are CPU tensors, so :func:`emulated_device` is a
+  ``TorchDispatchMode`` that applies the rule to every ``aten.native_group_norm_backward`` dispatched
+  inside it (recorded in :data:`CALLS` as ``aclnnGroupNormBackward``). CPU ATen itself accepts
+  float32 statistics with a bfloat16 gradient (its mixed-type path), which is why the rule has to be
+  emulated.
+* ``torch_npu.npu_group_norm_swish(input, num_groups, weight, bias, eps=1e-5, swish_scale=1.0) ->
+  (out, mean, rstd)``, weight/bias required and of the input's dtype, input 2..8-D, backward
+  registered (aclnnGroupNormSwishGrad; needs C / num_groups <= 4000), Atlas A2/A3 only:
+  https://gitcode.com/Ascend/op-plugin/blob/7.3.0/docs/context/torch_npu-npu_group_norm_swish.md
+  https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000866.html
+  Its backward here is ``npu_group_norm_swish_grad(grad, input, num_groups, weight, bias, mean,
+  rstd, grad_input_mask, swish_scale)`` fed the forward's mean/rstd, the shape of torch_npu's
+  derivatives.yaml entry (argument names approximated). Tests emulate a release without the op by
+  setting the adapters' ``HAS_GROUP_NORM_SWISH`` (decided once, at their import) to False.
+* npu_fusion_attention (above): key and value of one shape, ``atten_mask`` bool/uint8 in
+  BNSS/B1SS/11SS/SS, q/k/v one dtype, float32 only where :data:`SUPPORTS_FP32_ATTENTION`.
+
 Things the stand-in does not emulate raise ``NotImplementedError`` (dropout ``keep_prob < 1``,
 sparse modes other than 0, the TND/varlen layout, prefix), so an adapter that starts relying on
 them fails loudly here instead of passing by accident.
@@ -56,6 +84,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __version__ = "0.0.0+standin"
 IS_STANDIN = True
@@ -68,6 +97,11 @@ CALLS: list[dict[str, Any]] = []
 #: Emulates a torch_npu/CANN release whose ``npu_fusion_attention`` takes float32 (6.0.RC3+ docs).
 #: Set to False to emulate the older fp16/bf16-only release.
 SUPPORTS_FP32_ATTENTION = True
+
+#: The emulated chip, as ``torch_npu.npu.get_device_name()`` reports it. "Ascend910B3" is an Atlas
+#: A2 training chip; set e.g. "Ascend910A" (Atlas training series) to emulate a chip without bfloat16.
+SOC_VERSION = "Ascend910B3"
+_A2_OR_LATER = ("Ascend910B", "Ascend910_93")
 
 _INT_MAX = 2147483647
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -113,9 +147,15 @@ def _fail(op: str, message: str):
     raise RuntimeError(f"[torch_npu stand-in] {op}: {message}")
 
 
+def _a2_or_later() -> bool:
+    return SOC_VERSION.startswith(_A2_OR_LATER)
+
+
 def _check_dtype(op: str, name: str, t: torch.Tensor, allowed=_FUSED_DTYPES) -> None:
     if t.dtype not in allowed:
         _fail(op, f"{name} dtype {t.dtype} is not supported (supported: {', '.join(map(str, allowed))})")
+    if t.dtype == torch.bfloat16 and not _a2_or_later():
+        _fail(op, f"{name} dtype torch.bfloat16 is not supported on {SOC_VERSION} (Atlas A2/A3 only)")
 
 
 # -------------------------------------------------------------------------- npu_fusion_attention
@@ -404,9 +444,118 @@ def npu_group_norm_silu(input, weight, bias, group, eps=0.00001):  # noqa: A002 
         return F.silu(y).to(input.dtype), mean.to(input.dtype), rstd.to(input.dtype)
 
 
+# ------------------------------------------------------------------------- npu_group_norm_swish
+def _group_norm_swish_inputs(op, input, num_groups, weight, bias):  # noqa: A002
+    if not _a2_or_later():
+        _fail(op, f"supported on Atlas A2/A3 only, this chip is {SOC_VERSION}")
+    _check_dtype(op, "input", input)
+    if not 2 <= input.dim() <= 8 or input.shape[0] <= 0 or input.shape[1] <= 0:
+        _fail(op, f"input must be 2..8-D with N, C > 0, got shape {tuple(input.shape)}")
+    if num_groups <= 0 or input.shape[1] % num_groups:
+        _fail(op, f"num_groups={num_groups} must be > 0 and divide the {input.shape[1]} channels")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            _fail(op, f"{name} is required")
+        if t.dtype != input.dtype:
+            _fail(op, f"{name} dtype {t.dtype} must equal the input dtype {input.dtype}")
+        if t.dim() != 1 or t.shape[0] != input.shape[1]:
+            _fail(op, f"{name} must be 1-D with {input.shape[1]} elements, got shape {tuple(t.shape)}")
+
+
+def _normalized(input, num_groups, mean, rstd):  # noqa: A002
+    grouped = input.float().reshape(input.shape[0], num_groups, -1)
+    return ((grouped - mean.float()[..., None]) * rstd.float()[..., None]).reshape(input.shape)
+
+
+class _GroupNormSwish(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, num_groups, weight, bias, eps, swish_scale):  # noqa: A002
+        grouped = input.float().reshape(input.shape[0], num_groups, -1)
+        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
+        mean, rstd = mean.to(input.dtype), torch.rsqrt(var + eps).to(input.dtype)
+        affine_shape = (1, -1) + (1,) * (input.dim() - 2)
+        y = _normalized(input, num_groups, mean, rstd) * weight.float().reshape(affine_shape) + bias.float().reshape(affine_shape)
+        out = (y * torch.sigmoid(swish_scale * y)).to(input.dtype)
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.args = (num_groups, swish_scale)
+        ctx.mark_non_differentiable(mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_rstd):
+        input, weight, bias, mean, rstd = ctx.saved_tensors  # noqa: A001
+        num_groups, swish_scale = ctx.args
+        mask = list(ctx.needs_input_grad[i] for i in (0, 2, 3))
+        dx, dw, db = npu_group_norm_swish_grad(grad, input, num_groups, weight, bias, mean, rstd, mask, swish_scale)
+        return dx, None, dw, db, None, None
+
+
+@_recorded
+def npu_group_norm_swish(input, num_groups, weight, bias, eps=1e-5, swish_scale=1.0):  # noqa: A002
+    """``-> (out, mean, rstd)``: ``y = group_norm(input)``, ``out = y * sigmoid(swish_scale * y)``."""
+    _group_norm_swish_inputs("npu_group_norm_swish", input, num_groups, weight, bias)
+    return _GroupNormSwish.apply(input, num_groups, weight, bias, eps, swish_scale)
+
+
+@_recorded
+def npu_group_norm_swish_grad(grad, input, num_groups, weight, bias, mean, rstd, grad_input_mask, swish_scale=1.0):  # noqa: A002
+    """``-> (grad_input, grad_weight, grad_bias)`` from the forward's mean/rstd, in float32 maths."""
+    op = "npu_group_norm_swish_grad"
+    _group_norm_swish_inputs(op, input, num_groups, weight, bias)
+    for name, t in (("grad", grad), ("mean", mean), ("rstd", rstd)):
+        if t.dtype != input.dtype:
+            _fail(op, f"{name} dtype {t.dtype} must equal the input dtype {input.dtype}")
+    if input.shape[1] // num_groups > 4000:
+        _fail(op, f"C / num_groups = {input.shape[1] // num_groups} exceeds 4000 (documented limit with a gradient)")
+    affine_shape = (1, -1) + (1,) * (input.dim() - 2)
+    xhat = _normalized(input, num_groups, mean, rstd)
+    w = weight.float().reshape(affine_shape)
+    y = xhat * w + bias.float().reshape(affine_shape)
+    sig = torch.sigmoid(swish_scale * y)
+    dy = grad.float() * (sig + swish_scale * y * sig * (1 - sig))
+    reduce = [0] + list(range(2, input.dim()))
+    db = dy.sum(dim=reduce)
+    dw = (dy * xhat).sum(dim=reduce)
+    g = (dy * w).reshape(input.shape[0], num_groups, -1)
+    xg = xhat.reshape(input.shape[0], num_groups, -1)
+    dx = (g - g.mean(dim=-1, keepdim=True) - xg * (g * xg).mean(dim=-1, keepdim=True)) * rstd.float()[..., None]
+    outs = (dx.reshape(input.shape).to(input.dtype), dw.to(weight.dtype), db.to(bias.dtype))
+    return tuple(t if needed else None for t, needed in zip(outs, grad_input_mask))
+
+
+# ------------------------------------------------------------------ the device's ATen operators
+class _DeviceRules(TorchDispatchMode):
+    """Applies the documented aclnn rules to the ATen operators an NPU would run as aclnn calls."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.native_group_norm_backward.default:
+            _group_norm_backward_rule(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _group_norm_backward_rule(grad_out, input, mean, rstd, weight, *_sizes_and_mask):  # noqa: A002
+    op = "aclnnGroupNormBackward"
+    if input.dtype == torch.float64:
+        return  # the tests' float64 reference maths, which never runs on a device
+    CALLS.append({"name": op, "kwargs": {}, "shapes": {}, "dtypes": {
+        "gradOut": grad_out.dtype, "input": input.dtype, "mean": mean.dtype, "rstd": rstd.dtype}})
+    for name, t in (("gradOut", grad_out), ("input", input), ("mean", mean), ("rstd", rstd)):
+        _check_dtype(op, name, t, (torch.float16, torch.bfloat16, torch.float32))
+        if t.dtype != grad_out.dtype:
+            _fail(op, f"{name} dtype {t.dtype} must equal gradOut's dtype {grad_out.dtype} (CANN 8.0 aclnnGroupNormBackward)")
+
+
+def emulated_device():
+    """Context manager: inside it, the ATen operators that an NPU runs as aclnn operators obey the
+    rules documented for those (today: aclnnGroupNormBackward's dtypes), raising as the device would."""
+    return _DeviceRules()
+
+
 # -------------------------------------------------------------------------- torch_npu.npu (tiny)
 npu = types.SimpleNamespace(
     config=types.SimpleNamespace(allow_internal_format=True),
     synchronize=lambda device=None: None,
     is_available=lambda: False,
+    get_device_name=lambda device=None: SOC_VERSION,
 )

@@ -21,7 +21,7 @@ from npu_kernels import backends
 from npu_kernels.backends import reference as torch_path
 from tests import reference
 
-STANDIN_DIR = Path(__file__).resolve().parent / "torch_npu_standin"
+STANDIN_DIR = Path(__file__).resolve().parent.parent / "torch_npu_standin"
 DTYPES = [torch.float32, torch.bfloat16]
 _SWAPPED_MODULES = ("torch_npu", "npu_kernels.backends.npu")  # and their submodules
 
@@ -127,7 +127,7 @@ def test_geglu_refuses_unknown_approximation(env):
 GN_CASES = [
     ((1, 9, 5, 7), 3),  # N 1, odd channel count, odd spatial sizes
     ((2, 6, 3), 3),  # 1-D spatial
-    ((2, 4, 1, 1), 2),  # one spatial element
+    ((2, 4, 1, 1), 1),  # one spatial element (4 values a group: with 2, grad x is all cancellation)
     ((1, 6, 3, 2, 3), 1),  # 3-D spatial, one group
     ((3, 16), 2),  # no spatial dims
 ]
@@ -156,7 +156,8 @@ def test_group_norm_silu_forward_adapter(env, shape, groups, affine, dtype):
     x64 = x.detach().double()
     grouped = x64.reshape(shape[0], groups, -1)
     var64, mean64 = torch.var_mean(grouped, dim=-1, unbiased=False)
-    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (shape[0], groups)
+    # In x's dtype, as torch_npu returns them and as aclnnGroupNormBackward needs them.
+    assert mean.dtype == rstd.dtype == dtype and mean.shape == rstd.shape == (shape[0], groups)
     stat_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # torch_npu returns stats in x's dtype
     torch.testing.assert_close(mean.double(), mean64, rtol=stat_tol, atol=stat_tol)
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var64 + 1e-5), rtol=stat_tol, atol=stat_tol)
@@ -168,7 +169,8 @@ def test_group_norm_silu_forward_adapter(env, shape, groups, affine, dtype):
     reference.assert_close(out, ref_out, dtype, "npu group_norm_silu forward")
     grad_out = torch.randn(shape, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out)
-    grads = torch_path.group_norm_silu_backward(grad_out.to(dtype), x.detach(), weight, bias, mean, rstd, groups)
+    with env.torch_npu.emulated_device():
+        grads = env.npu.group_norm_silu_backward(grad_out.to(dtype), x.detach(), weight, bias, mean, rstd, groups)
     for got, want, what in zip(grads, ref_grads, ("x", "weight", "bias")):
         reference.assert_close(got, want, dtype, f"npu group_norm_silu grad {what}")
 
@@ -183,12 +185,12 @@ def test_bfloat16_statistics_cost_little_gradient_accuracy_at_sdxl_group_sizes(e
     x64 = x.double().requires_grad_()
     (want,) = torch.autograd.grad(reference.group_norm_silu(x64, groups), x64, grad_out)
 
-    def grad_error(mean, rstd):
-        got = torch_path.group_norm_silu_backward(grad_out.bfloat16(), x, None, None, mean, rstd, groups)[0]
+    def grad_error(backward, mean, rstd):
+        got = backward(grad_out.bfloat16(), x, None, None, mean, rstd, groups)[0]
         return (got.double() - want).abs().max().item()
 
-    npu_error = grad_error(*env.npu.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
-    torch_error = grad_error(*torch_path.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
+    npu_error = grad_error(env.npu.group_norm_silu_backward, *env.npu.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
+    torch_error = grad_error(torch_path.group_norm_silu_backward, *torch_path.group_norm_silu_forward(x, groups, None, None, 1e-5)[1:])
     assert npu_error <= 2 * torch_error + 1e-3, (npu_error, torch_error)
 
 
@@ -283,6 +285,8 @@ def test_attention_adapter(env, b, h, sq, skv, d, kind, dtype, layout, op="flash
         [q, k, v],
         dtype,
         f"npu {op} {kind}",
+        # An additive mask reaches torch_npu as pse = mask / scale rounded to the query dtype again.
+        k=4 * reference.TOLERANCES[dtype][1] if kind.startswith("additive") and dtype != torch.float32 else None,
     )
 
     call = only_call(env, "npu_fusion_attention")
@@ -473,18 +477,81 @@ def test_public_attention_through_npu(env, op, dtype):
     assert len(env.torch_npu.calls("npu_fusion_attention_grad")) == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def _gn_module():
+    return sys.modules["npu_kernels.backends.npu.group_norm_silu"]
+
+
+@pytest.fixture(params=["swish", "silu"])
+def gn_release(request, env, monkeypatch):
+    """A torch_npu with npu_group_norm_swish (current) or without it (older releases)."""
+    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", request.param == "swish", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 @pytest.mark.parametrize("affine", [True, False])
-def test_public_group_norm_silu_through_npu(env, affine, dtype):
+def test_public_group_norm_silu_through_npu(env, gn_release, affine, dtype):
     x = leaf(randn(1, 9, 5, 3, dtype=dtype, scale=2.0).detach() + 0.5)
     params = [randn(9, dtype=dtype), randn(9, dtype=dtype)] if affine else []
-    with npu_kernels.use_backend("npu"):
+    with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device():
         reference.check_against_reference(
             lambda x, *p: npu_kernels.group_norm_silu(x, 3, *p),
             lambda x, *p: reference.group_norm_silu(x, 3, *p),
             [x, *params], dtype, "api group_norm_silu",
         )
-    only_call(env, "npu_group_norm_silu")  # one forward; the backward did not call torch_npu again
+    if gn_release == "swish":  # torch_npu's forward and its registered backward; no ATen GroupNorm backward
+        only_call(env, "npu_group_norm_swish")
+        assert env.torch_npu.calls("npu_group_norm_swish_grad")
+        assert not env.torch_npu.calls("aclnnGroupNormBackward")
+    else:  # one forward; the backward ran ATen's (aclnnGroupNormBackward) with statistics in the gradient's dtype
+        only_call(env, "npu_group_norm_silu")
+        (rule,) = env.torch_npu.calls("aclnnGroupNormBackward")
+        assert rule["dtypes"]["mean"] == rule["dtypes"]["rstd"] == rule["dtypes"]["gradOut"] == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_backward_never_gets_float32_statistics(env, gn_release, dtype):
+    """Issue 15's bug: the NPU forward's mean/rstd were cast to float32 and handed, with a half
+    gradient, to ATen's GroupNorm backward, which on an NPU is aclnnGroupNormBackward (CANN 8.0:
+    mean/rstd must have gradOut's dtype). float32 parameters (a model kept in float32 under
+    autocast) must not change that either."""
+    x = leaf(randn(2, 64, 4, 4, dtype=dtype, scale=2.0).detach() + 0.5)
+    weight, bias = randn(64, dtype=torch.float32), randn(64, dtype=torch.float32)
+    with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device():
+        out = npu_kernels.group_norm_silu(x, 32, weight, bias)
+        grads = torch.autograd.grad(out, (x, weight, bias), torch.randn_like(out))
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32]
+    ref_inputs = reference.as_float64_leaves([x, weight, bias])
+    ref_out = reference.group_norm_silu(ref_inputs[0], 32, *ref_inputs[1:])
+    reference.assert_close(out, ref_out, dtype, "group_norm_silu fp32 params forward")
+
+
+def test_the_device_rule_refuses_float32_statistics_with_a_half_gradient(env):
+    """The emulated rule itself: what the old adapter did raises, as aclnnGroupNormBackward would."""
+    x = torch.randn(2, 4, 3, dtype=torch.bfloat16)
+    _, mean, rstd = env.npu.group_norm_silu_forward(x, 2, None, None, 1e-5)
+    with env.torch_npu.emulated_device(), pytest.raises(RuntimeError, match="aclnnGroupNormBackward.*gradOut"):
+        torch_path.group_norm_silu_backward_in(torch.float32, torch.randn_like(x), x, None, None, mean.float(), rstd.float(), 2)
+
+
+def test_group_norm_swish_adapter_passes_input_dtype_affine(env, monkeypatch):
+    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)
+    x = randn(2, 6, 5, dtype=torch.bfloat16)
+    weight = randn(6, dtype=torch.float32)
+    out = env.npu.group_norm_silu(x, 3, weight, None, 1e-6)
+    kw = only_call(env, "npu_group_norm_swish")["kwargs"]
+    assert (kw["num_groups"], kw["eps"], kw["swish_scale"]) == (3, 1e-6, 1.0)
+    assert kw["weight"].dtype == kw["bias"].dtype == torch.bfloat16 and not kw["bias"].any()
+    (grad_w,) = torch.autograd.grad(out, weight, torch.randn_like(out))
+    assert grad_w.dtype == torch.float32
+
+
+def test_group_norm_swish_limit_on_group_size_uses_the_other_operator(env, monkeypatch):
+    """npu_group_norm_swish documents C / num_groups <= 4000 when a gradient is needed."""
+    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)
+    x = randn(1, 4002, 1, dtype=torch.float16)
+    env.npu.group_norm_silu(x, 1, None, None, 1e-5).sum().backward()
+    assert not env.torch_npu.calls("npu_group_norm_swish") and env.torch_npu.calls("npu_group_norm_silu")
 
 
 def test_public_group_norm_silu_backward_uses_the_saved_npu_statistics(env, monkeypatch):
@@ -500,6 +567,7 @@ def test_public_group_norm_silu_backward_uses_the_saved_npu_statistics(env, monk
         return out, sent["mean"], sent["rstd"]
 
     monkeypatch.setattr(env.torch_npu, "npu_group_norm_silu", perturbed)
+    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", False)
     x = leaf(torch.randn(2, 6, 4, 3) + 0.5)
     weight, bias = randn(6, dtype=torch.float32), randn(6, dtype=torch.float32)
     grad_out = torch.randn(2, 6, 4, 3)
@@ -545,5 +613,138 @@ def test_tiny_sdxl_unet_on_the_npu_backend_matches_stock_diffusers(env):
     for name, grad in grads.items():
         scale = max(stock_grads[name].abs().max().item(), 1e-3)
         assert (grad - stock_grads[name]).abs().max().item() <= 1e-3 * scale, name
-    for op in ("npu_geglu", "npu_geglu_grad", "npu_group_norm_silu", "npu_fusion_attention", "npu_fusion_attention_grad"):
+    for op in ("npu_geglu", "npu_geglu_grad", "npu_group_norm_swish", "npu_fusion_attention", "npu_fusion_attention_grad"):
         assert env.torch_npu.calls(op), f"{op} never ran"
+
+
+# ----------------------------------------------------------- device rules: a whole LoRA step
+def _lora_unet():
+    from peft import LoraConfig
+
+    from tests.tiny_unet import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet()
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    return unet
+
+
+def _npu_autocast_policy_for_group_norm(model: torch.nn.Module) -> None:
+    """CPU autocast leaves ``group_norm`` in the input's dtype; the NPU's autocast (torch_npu's op
+    lists follow CUDA's, https://pytorch.org/docs/stable/amp.html#cuda-ops-that-can-autocast-to-float32)
+    runs it in float32. The stock GroupNorm layers that ``optimize`` leaves alone (the
+    Transformer2DModel norms) get that policy here, so the emulated device sees what an NPU would."""
+    for module in model.modules():
+        if type(module) is torch.nn.GroupNorm and not getattr(module, "_npu_kernels_fused", False):
+            module.register_forward_pre_hook(lambda _m, args: (args[0].float(),) + tuple(args[1:]))
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "fp16"])
+def test_lora_step_of_the_tiny_sdxl_unet_obeys_the_device_rules(env, gn_release, precision):
+    """A whole LoRA training step (forward + backward) of the tiny SDXL UNet under
+    ``npu_kernels.optimize``, every op forced onto the stand-in torch_npu, inside the emulated
+    device (aclnnGroupNormBackward's dtype rule on every ATen GroupNorm backward): in bfloat16
+    autocast with float32 weights, and in float16 weights. Before issue 15's fix the bfloat16 run
+    raised at the first GroupNorm+SiLU backward (float32 statistics, bfloat16 gradient)."""
+    from tests.tiny_unet import tiny_sdxl_inputs
+
+    unet = _lora_unet()
+    inputs = tiny_sdxl_inputs(batch=1, size=8, text_len=7)
+    if precision == "fp16":
+        unet.half()
+        inputs = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+        inputs["added_cond_kwargs"] = {k: v.half() for k, v in inputs["added_cond_kwargs"].items()}
+    npu_kernels.optimize(unet)
+    if precision == "bf16-autocast":
+        _npu_autocast_policy_for_group_norm(unet)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+    with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device(), autocast:
+        loss = (unet(**inputs).sample.float() ** 2).mean()
+        loss.backward()
+    lora = [p for n, p in unet.named_parameters() if "lora" in n]
+    assert lora and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+    assert any(p.grad.abs().sum() > 0 for p in lora)
+    expected = ["npu_geglu", "npu_fusion_attention", "npu_fusion_attention_grad"]
+    expected += ["npu_group_norm_swish", "npu_group_norm_swish_grad"] if gn_release == "swish" else ["npu_group_norm_silu"]
+    for op in expected:
+        assert env.torch_npu.calls(op), f"{op} never ran"
+    for rule in env.torch_npu.calls("aclnnGroupNormBackward"):  # every ATen GroupNorm backward that ran
+        assert len(set(rule["dtypes"].values())) == 1, rule
+
+
+# ------------------------------------------------------------------- chip generation (bf16)
+@pytest.fixture
+def older_chip(env, monkeypatch):
+    """An Atlas training-series chip before A2: no bfloat16, no npu_group_norm_swish."""
+    monkeypatch.setattr(env.torch_npu, "SOC_VERSION", "Ascend910A")
+    env.npu.reset_capability_cache()
+    yield
+    env.npu.reset_capability_cache()
+
+
+def test_bfloat16_is_refused_with_a_reason_on_a_chip_before_a2(env, older_chip):
+    x = torch.randn(2, 8, 4, dtype=torch.bfloat16)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    for op, tensors in (("geglu", (x,)), ("group_norm_silu", (x, None, None)), ("flash_attention", (q, q, q, None))):
+        reasons = env.npu.not_supported_reasons(op, *tensors)
+        assert any("Ascend910A" in r and "bfloat16" in r for r in reasons), (op, reasons)
+        with npu_kernels.use_backend("npu"), pytest.raises(npu_kernels.BackendUnavailableError, match="Ascend910A"):
+            npu_kernels.ops.group_norm_silu(x, 2) if op == "group_norm_silu" else (
+                npu_kernels.geglu(x) if op == "geglu" else npu_kernels.flash_attention(q, q, q))
+    with pytest.raises(RuntimeError, match="not supported on Ascend910A"):  # the stand-in raises as the device
+        env.torch_npu.npu_geglu(x, dim=-1, approximate=0)
+
+
+def test_float16_on_a_chip_before_a2_uses_npu_group_norm_silu(env, older_chip, monkeypatch):
+    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)  # present in torch_npu, not on this chip
+    x = leaf(randn(2, 8, 4, dtype=torch.float16).detach())
+    assert env.npu.not_supported_reasons("group_norm_silu", x, None, None) == []
+    with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device():
+        npu_kernels.group_norm_silu(x, 2).sum().backward()
+    assert env.torch_npu.calls("npu_group_norm_silu") and not env.torch_npu.calls("npu_group_norm_swish")
+
+
+# ----------------------------------------------------------------- attention: shared semantics
+@pytest.mark.parametrize("kind", ["bool", "neg_inf", "additive"])
+@pytest.mark.parametrize("op", ["flash_attention", "cross_attention"])
+def test_a_fully_masked_row_gives_zeros_and_zero_gradients_on_every_backend(env, op, kind):
+    """Defined result of a query row that may attend to nothing: zeros, with zero gradients
+    (ATen's CPU flash kernel and the Triton kernels already give that; SDPA's math path gives NaN)."""
+    q, k, v = (randn(1, 2, 5, 8, dtype=torch.float32) for _ in range(3))
+    keep = torch.rand(1, 1, 5, 5) > 0.3
+    keep[..., 0] = True
+    keep[0, 0, 2] = False  # row 2 sees nothing
+    if kind == "bool":
+        mask = keep
+    else:
+        mask = torch.zeros(1, 1, 5, 5).masked_fill(~keep, float("-inf"))
+        if kind == "additive":  # not only 0/-inf: goes to torch_npu as pse
+            mask = mask + 0.1 * torch.rand(1, 1, 5, 5)
+    grad_out = torch.randn(1, 2, 5, 8)
+    results = {}
+    for backend in ("torch", "triton", "npu"):
+        if backends.load(backend) is None:
+            continue
+        with npu_kernels.use_backend(backend):
+            out = getattr(npu_kernels, op)(q, k, v, attn_mask=mask)
+            results[backend] = (out,) + torch.autograd.grad(out, (q, k, v), grad_out)
+    assert {"torch", "npu"} <= results.keys()
+    for backend, (out, dq, dk, dv) in results.items():
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv)), backend
+        assert not out[0, :, 2].any() and not dq[0, :, 2].any(), backend
+        for got, want in zip((out, dq, dk, dv), results["torch"]):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=backend)
+
+
+def test_head_dims_npu_fusion_attention_refuses_fall_back_under_auto(env, monkeypatch):
+    """Dq == Dk and key/value of one shape (npu_fusion_attention's page): other inputs get a
+    reason, so ``auto`` on an NPU takes the PyTorch path instead of failing in torch_npu."""
+    monkeypatch.setitem(backends._AUTO_PRIORITY, "cpu", {"default": ("npu", "torch")})  # CPU tensors play the NPU
+    q, k = randn(1, 2, 4, 16, dtype=torch.float16), randn(1, 2, 6, 16, dtype=torch.float16)
+    v_narrow = randn(1, 2, 6, 8, dtype=torch.float16)
+    assert backends.select("flash_attention", q, k, k, None) == "npu"
+    assert backends.select("flash_attention", q, k, v_narrow, None) == "torch"
+    assert any("key and value of one shape" in r for r in env.npu.not_supported_reasons("flash_attention", q, k, v_narrow, None))
+    out = npu_kernels.flash_attention(q, k, v_narrow)
+    assert out.shape == (1, 2, 4, 8) and not env.torch_npu.calls("npu_fusion_attention")
