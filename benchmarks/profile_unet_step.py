@@ -1,10 +1,12 @@
 """Where a LoRA step of the SDXL UNet spends its time: stock diffusers vs ``npu_kernels.optimize``.
 
     python -m benchmarks.profile_unet_step --precision bf16 --resolution 512 [--tiny] [--impl npu_kernels]
+        [--compile-mode reduce-overhead]
 
 Prints, per implementation, the step's wall time, the device time its kernels took (CUDA) and the
 ops that cost the most host time -- the numbers that say whether a step is bound by the device
-or by launching work onto it.
+or by launching work onto it. With ``--compile-mode`` each implementation is also profiled compiled
+(``torch.compile(unet, fullgraph=True, mode=...)``; reduce-overhead replays CUDA graphs).
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--impl", choices=("stock", "npu_kernels"), action="append",
                         help="profile only this implementation (repeatable; default both)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="also profile the compiled step in this torch.compile mode")
+    parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"), default="inductor",
+                        help="aot_eager: graph capture only (a quick CPU rehearsal; modes are inductor's)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,9 +43,11 @@ def main() -> None:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
+    model = unet
+
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            prediction = unet(**inputs).sample
+            prediction = model(**inputs).sample
         F.mse_loss(prediction.float(), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -47,21 +55,35 @@ def main() -> None:
             torch.cuda.synchronize()
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for impl in args.impl or ("stock", "npu_kernels"):
+    modes = ("eager",) + (("compiled",) if args.compile_mode else ())
+    for impl, mode in [(impl, mode) for impl in args.impl or ("stock", "npu_kernels") for mode in modes]:
         npu_kernels.restore(unet)
         if impl == "npu_kernels":
             npu_kernels.optimize(unet)
-        for _ in range(2):
-            step()  # warm up: allocator, optimizer state, kernel compilation
+        torch._dynamo.reset()
+        model = unet
+        if mode == "compiled" and args.compile_backend == "inductor":
+            model = torch.compile(unet, fullgraph=True, mode=None if args.compile_mode == "default" else args.compile_mode)
+        elif mode == "compiled":
+            model = torch.compile(unet, fullgraph=True, backend=args.compile_backend)
         start = time.perf_counter()
-        step()
-        wall = time.perf_counter() - start
+        for _ in range(3):
+            step()  # warm up: allocator, optimizer state, kernel and graph compilation, CUDA-graph recording
+        warmup = time.perf_counter() - start
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        wall = sorted(times)[1]
         with profile(activities=activities) as prof:
             step()
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
-        print(f"\n== {impl} ({args.precision}, {'tiny' if args.tiny else args.resolution}): "
-              f"step {wall * 1e3:.1f} ms wall" + (f", kernels {device_us / 1e3:.1f} ms on the GPU" if device_us else ""))
+        label = f"{impl} {mode}" + (f" {args.compile_mode}" if mode == "compiled" else "")
+        print(f"\n== {label} ({args.precision}, {'tiny' if args.tiny else args.resolution}): "
+              f"step {wall * 1e3:.1f} ms wall (median of 3; warm-up {warmup:.1f} s)"
+              + (f", kernels {device_us / 1e3:.1f} ms on the GPU: wall/GPU {wall * 1e3 / (device_us / 1e3):.2f}x" if device_us else ""))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
