@@ -66,6 +66,24 @@ fi
 export HCCL_CONNECT_TIMEOUT="${HCCL_CONNECT_TIMEOUT:-1200}"
 export HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1800}"
 
+# Host settings of Ascend's own SDXL training recipes (MindSpeed-MM's examples/diffusers/sdxl scripts);
+# each keeps a value already in the environment. torch_npu and CANN read them; elsewhere they do nothing,
+# except OMP_NUM_THREADS. Meanings (Ascend Extension for PyTorch / CANN environment-variable reference):
+#   TASK_QUEUE_ENABLE=2        operator dispatch in two pipelined stages, level 2 (also moves workspace
+#                              allocation and some host work off the dispatching thread)
+#   CPU_AFFINITY_CONF=1        bind each process's threads to the CPU cores near its NPU (coarse binding)
+#   ACLNN_CACHE_LIMIT=100000   entries of the aclnn operator cache (default 10000): SDXL's many shapes stay cached
+#   PYTORCH_NPU_ALLOC_CONF=expandable_segments:True   the caching allocator grows segments instead of
+#                              cutting new blocks: less fragmentation (as PYTORCH_CUDA_ALLOC_CONF on CUDA)
+#   COMBINED_ENABLE=1          fuse the copies of non-contiguous tensor combinations into one
+#   OMP_NUM_THREADS=1          one OpenMP thread per process (8 processes share the host's cores)
+: "${TASK_QUEUE_ENABLE:=2}"; export TASK_QUEUE_ENABLE
+: "${CPU_AFFINITY_CONF:=1}"; export CPU_AFFINITY_CONF
+: "${ACLNN_CACHE_LIMIT:=100000}"; export ACLNN_CACHE_LIMIT
+: "${PYTORCH_NPU_ALLOC_CONF:=expandable_segments:True}"; export PYTORCH_NPU_ALLOC_CONF
+: "${COMBINED_ENABLE:=1}"; export COMBINED_ENABLE
+: "${OMP_NUM_THREADS:=1}"; export OMP_NUM_THREADS
+
 output_path="${output_dir:-${cur_path}/test/output/${ASCEND_DEVICE_ID}}"
 mkdir -p "${output_path}"
 log="${output_path}/train_${ASCEND_DEVICE_ID}.log"
