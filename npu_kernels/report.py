@@ -35,6 +35,8 @@ def describe(device: torch.device | str, dtype: torch.dtype = torch.float32) -> 
         if backends.forced_backend() != "auto":
             names = (backends.forced_backend(),)
         table[op] = {name: backends.not_supported_reasons(name, op, inputs) for name in names}
+    # lora_linear has no backend choice: ATen's GEMMs serve it on every device (see ops/lora_linear.py).
+    table["lora_linear"] = {"torch": []}
     return table
 
 
