@@ -27,7 +27,7 @@ def chip_name(device: torch.device) -> str:
         try:
             index = device.index if device.type == "npu" else None
             _chip_names[key] = str(torch_npu.npu.get_device_name(index) if index is not None else torch_npu.npu.get_device_name())
-        except Exception:  # no device, or a torch_npu without the call: assume nothing
+        except Exception:  # noqa: BLE001  (no device, or a torch_npu without the call: assume nothing)
             _chip_names[key] = ""
     return _chip_names[key]
 
