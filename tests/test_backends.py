@@ -1,0 +1,116 @@
+"""The dispatch point (``npu_kernels.backends``): forcing and restoring a backend, the reasons a
+backend gives for refusing inputs, ``auto``'s choices per device, and ``python -m npu_kernels``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import npu_kernels
+from npu_kernels import backends
+
+
+def test_use_backend_forces_and_restores():
+    assert backends.forced_backend() == "auto"
+    with npu_kernels.use_backend("torch"):
+        assert backends.forced_backend() == "torch"
+        assert backends.select("geglu", torch.randn(2, 4)) == "torch"
+    assert backends.forced_backend() == "auto"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError, match="inside"):
+        with npu_kernels.use_backend("torch"):
+            raise RuntimeError("inside")
+    assert backends.forced_backend() == "auto"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown npu_kernels backend 'cudnn'"):
+        with npu_kernels.use_backend("cudnn"):
+            pass
+
+
+def test_forcing_a_backend_that_cannot_load_names_the_reason(monkeypatch):
+    monkeypatch.setitem(backends._MODULES, "npu", "npu_kernels_missing_module_for_test")
+    backends.reset_cache()
+    try:
+        with pytest.raises(npu_kernels.BackendUnavailableError, match="'npu' cannot load: ModuleNotFoundError"):
+            with npu_kernels.use_backend("npu"):
+                pass
+    finally:
+        monkeypatch.undo()
+        backends.reset_cache()
+
+
+def test_forced_backend_that_cannot_serve_the_inputs_says_why():
+    with npu_kernels.use_backend("torch"):
+        with pytest.raises(npu_kernels.BackendUnavailableError, match="'torch' \\(forced\\) cannot run geglu: dtype torch.int64"):
+            backends.select("geglu", torch.ones(2, 4, dtype=torch.int64))
+
+
+def test_cpu_auto_uses_the_pytorch_path():
+    assert npu_kernels.backend_report("cpu") == {**{op: "torch" for op in backends.OPS}, "lora_linear": "torch"}
+
+
+def test_cuda_auto_routes_attention_to_sdpa_and_the_rest_to_triton():
+    # On an H100 our Triton attention did not beat SDPA per call (benchmarks): auto keeps SDPA.
+    assert backends.auto_candidates("cuda", "flash_attention")[0] == "sdpa"
+    assert backends.auto_candidates("cuda", "cross_attention")[0] == "sdpa"
+    assert backends.auto_candidates("cuda", "geglu")[0] == "triton"
+    assert npu_kernels.backend_report("cuda") == {
+        "geglu": "triton", "group_norm_silu": "triton", "flash_attention": "sdpa", "cross_attention": "sdpa",
+        "lora_linear": "torch",  # ATen GEMMs on every device
+    }
+
+
+def test_npu_auto_prefers_the_npu_backend():
+    assert backends.auto_candidates("npu", "geglu") == ("npu", "torch")
+
+
+def test_environment_variable_forces_backend():
+    code = "import npu_kernels.backends as b; print(b.forced_backend())"
+    env = {**os.environ, "NPU_KERNELS_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["NPU_KERNELS_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown npu_kernels backend 'bogus'" in bad.stderr
+
+
+def test_python_m_npu_kernels_prints_report():
+    out = subprocess.run([sys.executable, "-m", "npu_kernels"], capture_output=True, text=True, check=True).stdout
+    for word in ("torch", "diffusers", "triton", "torch_npu", "devices seen", "group_norm_silu", "cross_attention"):
+        assert word in out
+
+
+# ------------------------------------------------------------------------ the Triton backend's reasons
+def test_triton_not_supported_reasons():
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be tested")
+    import npu_kernels.backends.triton as tk
+
+    device = "cuda" if torch.cuda.is_available() and not tk.interpreting() else "cpu"
+    x = torch.empty(2, 8, device=device)
+    assert tk.not_supported_reasons("geglu", x) == []
+    assert any("even" in r for r in tk.not_supported_reasons("geglu", torch.empty(2, 7, device=device)))
+    assert any("float64" in r for r in tk.not_supported_reasons("geglu", x.double()))
+    assert tk.not_supported_reasons("group_norm_silu", torch.empty(1, 4, 3, 3, device=device), None, None) == []
+
+    q = torch.empty(1, 1, 4, 64, dtype=torch.float16, device=device)
+    k = v = torch.empty(1, 1, 300, 64, dtype=torch.float16, device=device)
+    assert tk.not_supported_reasons("flash_attention", q, k, v, None) == []
+    assert any("Skv 300 > 256" in r for r in tk.not_supported_reasons("cross_attention", q, k, v, None))
+    big = torch.empty(1, 1, 4, 256, device=device)
+    assert any("head dim 256 > 128" in r for r in tk.not_supported_reasons("flash_attention", big, big, big, None))
+    # Boolean / 2-D masks are served: the ops layer makes them additive and 4-D first.
+    bool_mask = torch.ones(4, 300, dtype=torch.bool, device=device)
+    assert tk.not_supported_reasons("flash_attention", q, k, v, bool_mask) == []
+    weight64 = torch.ones(4, dtype=torch.float64, device=device)
+    assert tk.not_supported_reasons("group_norm_silu", torch.empty(1, 4, 3, device=device), weight64, None) == []
+    assert tk.not_supported_reasons("no_such_op", q)
+    if tk.interpreting():
+        bf16 = torch.empty(2, 8, dtype=torch.bfloat16)
+        assert any("interpreter" in r for r in tk.not_supported_reasons("geglu", bf16))
