@@ -11,7 +11,8 @@ Full size is SDXL's architecture (random weights, built once and cached on disk,
 steps, data loading included (its summary's ``fps``).
 
 Each side runs eager and compiled (``--compile``, and ``--compile_mode`` from the benchmarks'
-``--compile-mode``): four rows per precision. ``compile_s`` is the trainer's own report of its
+``--compile-mode``; ``--compile_backend`` from ``--compile-backend`` when not inductor, i.e. aot_eager for
+the CPU smoke size): four rows per precision. ``compile_s`` is the trainer's own report of its
 compile time (summary ``compile_s``); ``speedup_vs_default_eager`` divides this row's images/s by
 that of default flags eager in the same run.
 """
@@ -41,10 +42,15 @@ def _trainer_has_flag(flag: str) -> bool:
     return flag in parser._option_string_actions
 
 
-def _compile_flags(compile_mode: str) -> list[str]:
+def _compile_flags(compile_mode: str, compile_backend: str) -> list[str]:
     if not _trainer_has_flag("--compile"):
         pytest.skip("trainer has no --compile yet")
-    return ["--compile"] + (["--compile_mode", compile_mode] if compile_mode != "default" else [])
+    flags = ["--compile"] + (["--compile_mode", compile_mode] if compile_mode != "default" else [])
+    if compile_backend != "inductor":
+        if not _trainer_has_flag("--compile_backend"):
+            pytest.skip(f"--compile-backend {compile_backend}: the trainer has no --compile_backend")
+        flags += ["--compile_backend", compile_backend]
+    return flags
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,9 @@ def assets(bench_size):
 @pytest.mark.parametrize("features", list(FLAGS))
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, precision, mode, features, compile_mode):
-    compile_flags = _compile_flags(compile_mode) if mode == "compiled" else []
+def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, precision, mode, features, compile_mode,
+                      compile_backend):
+    compile_flags = _compile_flags(compile_mode, compile_backend) if mode == "compiled" else []
     model_dir, dataset_dir = assets
     resolution = resolution if bench_size == "full" else 64
     argv = [
@@ -102,6 +109,7 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
         impl=features,
         mode=mode,
         compile_mode=compile_mode if mode == "compiled" else None,
+        compile_backend=compile_backend if mode == "compiled" else None,
         precision=precision,
         resolution=resolution,
         images_per_s=fps,
