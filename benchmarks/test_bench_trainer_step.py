@@ -13,7 +13,7 @@ steps, data loading included (its summary's ``fps``).
 Each side runs eager and compiled (``--compile``, and ``--compile_mode`` from the benchmarks'
 ``--compile-mode``; ``--compile_backend`` from ``--compile-backend`` when not inductor, i.e. aot_eager for
 the CPU smoke size): four rows per precision. ``compile_s`` is the trainer's own report of its
-compile time (summary ``compile_s``); ``speedup_vs_default_eager`` divides this row's images/s by
+compile time (summary ``compile_seconds``); ``speedup_vs_default_eager`` divides this row's images/s by
 that of default flags eager in the same run.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
         precision=precision,
         resolution=resolution,
         images_per_s=fps,
-        compile_s=saved.get("compile_s"),
+        compile_s=saved.get("compile_seconds"),
         speedup_vs_default_eager=fps / baseline if fps and baseline else None,
         summary=saved,
     )
