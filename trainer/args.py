@@ -9,6 +9,7 @@ type and default, so existing launch scripts work unchanged, plus:
 * ``--validation_inference_steps``: denoising steps of validation images (default: the pipeline's).
 * ``--on_bad_image skip|fail``: what an undecodable image does (see ``trainer.preflight``).
 * ``--cache_latents`` / ``--cache_text_embeddings``: run the frozen encoders once (see ``trainer.caching``).
+* ``--compile`` / ``--compile_mode`` / ``--compile_backend`` / ``--logging_steps``: graph mode (see ``trainer.compiling``).
 
 Unlike the diffusers script a run without any model or dataset flag is allowed: it trains the embedded
 tiny SDXL-shaped pipeline on the embedded shapes dataset (a smoke test). Otherwise nothing is filled in
@@ -26,6 +27,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from trainer.compiling import COMPILE_BACKENDS, COMPILE_MODES
 from trainer.embedded_default import EMBEDDED_OVERRIDES
 from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
 
@@ -356,6 +358,40 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "tanh"],
         help="GELU of the fused GEGLU (--kernels on): none = erf, what diffusers computes on CPU/GPU; tanh = what"
         " stock diffusers computes on Ascend NPU (npu_geglu approximate=1), to reproduce its numbers.",
+    )
+
+    # ---------------------------------------------------------------- graph mode (trainer.compiling)
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the whole UNet (fullgraph, static shapes; after npu_kernels.optimize). The first step"
+        " compiles (reported apart as compile time); a partial last batch per epoch is dropped so that no shape"
+        " changes mid-run. Validation uses the uncompiled UNet.",
+    )
+    add(
+        "--compile_mode",
+        type=str,
+        default=None,
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode with --compile (an error without it); None means default. reduce-overhead also"
+        " captures the step in CUDA graphs (CUDA only).",
+    )
+    add(
+        "--compile_backend",
+        type=str,
+        default=None,
+        choices=list(COMPILE_BACKENDS),
+        help="torch.compile backend with --compile: inductor generates fused kernels (the speed-up); aot_eager"
+        " captures the same forward and backward graphs and runs them op by op (no code generation: compiles in"
+        " seconds, for checking graph capture or bisecting an inductor problem). None means inductor, which on"
+        " an Ascend NPU is torchair's backend.",
+    )
+    add(
+        "--logging_steps",
+        type=int,
+        default=1,
+        help="Read the loss on the host (progress bar, trackers, non-finite-loss check) every N optimizer steps;"
+        " in between the device runs ahead without a synchronisation. Every step's loss is still recorded.",
     )
 
     # ---------------------------------------------------------------- bad inputs (trainer.preflight)

@@ -154,6 +154,15 @@ class LoopConfig:
     debug_loss: bool = False
     skip_batches: int = 0  # batches of first_epoch a resumed run skips (the interrupted run used them)
     max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS  # with a gradient scaler (fp16) only
+    logging_steps: int = 1  # read the loss on the host every N optimizer steps (see train_loop)
+
+    def reads_loss(self, step: int) -> bool:
+        """Whether optimizer step ``step`` reads the pending losses on the host (a device synchronisation)."""
+        return (
+            step % self.logging_steps == 0
+            or step >= self.max_train_steps
+            or bool(self.checkpointing_steps and step % self.checkpointing_steps == 0)  # weights checked before saving
+        )
 
 
 @dataclass
@@ -203,10 +212,16 @@ def train_loop(
     ``checkpointing_steps`` and when stopping early; a stop request (signal or ``hooks.stop_requested()``)
     is agreed on by all processes after each optimizer step and ends the loop with ``history.stopped_early``.
 
-    The loss of each optimizer step (averaged over processes and micro-steps) is read on the host once,
-    after backward, for logging; :class:`~trainer.guards.NonFiniteLossPolicy` judges that value: without a
-    gradient scaler a non-finite one raises :class:`~trainer.errors.NonFiniteLossError` before the
-    optimizer update; with one (fp16) the scaler skips the step, counted in ``history.skipped_steps``.
+    The loss of each optimizer step (averaged over processes and micro-steps) stays on the device until a
+    step that reads it (``config.reads_loss``: every ``logging_steps``-th step, checkpoint steps, the last
+    step), which reads all pending ones in one transfer, after backward was queued, and logs them (the
+    progress bar, the trackers, ``history``). With ``logging_steps=1`` (default) that is every step.
+    :class:`~trainer.guards.NonFiniteLossPolicy` judges each value: without a gradient scaler a non-finite
+    one raises :class:`~trainer.errors.NonFiniteLossError` -- before the optimizer update when it is the
+    reading step's own loss, else at the next reading step (the weights updated in between are never
+    saved: checkpoints come after a read); with one (fp16) the scaler skips the step, counted in
+    ``history.skipped_steps``. Between reads the host queues steps without waiting for the device (on
+    several processes the stop-request agreement, a collective, also waits for reading steps).
     """
     callbacks = callbacks or LoopCallbacks()
     hooks = hooks or TrainingHooks()
@@ -216,6 +231,8 @@ def train_loop(
     global_step = config.initial_global_step
     history.last_checkpoint_step = global_step  # the resumed-from checkpoint already holds this state
     accumulate_target = trainable_modules[0]
+    pending: list[tuple[StepRecord, torch.Tensor, int]] = []  # (record, its loss on the device, epoch) until read
+    unlogged: list[StepRecord] = []  # records read or not, not yet logged
     for epoch in range(config.first_epoch, config.num_train_epochs):
         for module in trainable_modules:
             module.train()
@@ -250,10 +267,12 @@ def train_loop(
                 accelerator.backward(loss)
                 finite = True
                 if accelerator.sync_gradients:
-                    # The one host read of the step (its logged loss), after backward was queued. Every
-                    # process holds the same gathered value, so all decide alike, before any update.
-                    loss_value = float(train_loss.item())
-                    finite = policy.check(loss_value, step, epoch)
+                    record = StepRecord(step=step, loss=math.nan, lr=0.0, images=0, step_time=0.0, data_time=0.0)  # filled below
+                    pending.append((record, train_loss.detach(), epoch))
+                    if config.reads_loss(step):
+                        # The host read (of this and earlier steps' losses), after backward was queued. Every
+                        # process holds the same gathered values, so all decide alike, before this update.
+                        finite = _read_losses(pending, policy)
                     hooks.before_optimizer_step(step, signalled)
                     accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)
                 optimizer.step()
@@ -261,36 +280,21 @@ def train_loop(
                 optimizer.zero_grad()
 
             if accelerator.sync_gradients:
-                # .item() above synchronised the device, so the wall clock covers the step's compute.
+                # On a reading step the read synchronised the device, so the wall clock covers the step's
+                # compute; between reads a step's time is the host's, and the next read's step waits for
+                # the device: the sum over steps is the run's time either way.
                 now = time.perf_counter()
                 global_step += 1
                 skipped = not finite or bool(getattr(optimizer, "step_was_skipped", False))
                 history.skipped_steps += skipped
-                lr = lr_scheduler.get_last_lr()[0]
-                record = StepRecord(
-                    step=global_step,
-                    loss=loss_value,
-                    lr=lr,
-                    images=config.images_per_micro_step * micro_steps,
-                    step_time=now - step_start,
-                    data_time=data_time,
-                    skipped=skipped,
-                )
+                record.lr = lr_scheduler.get_last_lr()[0]
+                record.images = config.images_per_micro_step * micro_steps
+                record.step_time, record.data_time, record.skipped = now - step_start, data_time, skipped
                 history.add(record)
-                history.nonfinite_loss_steps = policy.total
+                unlogged.append(record)
                 progress_bar.update(1)
-                accelerator.log(
-                    {
-                        "train_loss": loss_value,
-                        "lr": lr,
-                        "images_per_sec": record.images / max(record.step_time, 1e-9),
-                        "skipped_steps": history.skipped_steps,
-                    },
-                    step=global_step,
-                )
-                progress_bar.set_postfix(
-                    step_loss=f"{loss_value:.4f}", lr=lr, images_per_sec=f"{record.images / max(record.step_time, 1e-9):.2f}"
-                )
+                if config.reads_loss(global_step):
+                    _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
                 train_loss = None
                 data_time = 0.0
                 micro_steps = 0
@@ -298,7 +302,11 @@ def train_loop(
                 if callbacks.save_checkpoint is not None and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                     callbacks.save_checkpoint(global_step)  # every process: each stores its RNG state
                     history.last_checkpoint_step = global_step
-                if distributed.any_process(accelerator, signalled() or hooks.stop_requested()):
+                agree_now = accelerator.num_processes == 1 or config.reads_loss(global_step)  # a collective: not every step
+                if agree_now and distributed.any_process(accelerator, signalled() or hooks.stop_requested()):
+                    if pending:  # the losses of the steps since the last read, before anything is saved
+                        _read_losses(pending, policy)
+                        _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
                     if callbacks.save_checkpoint is not None and history.last_checkpoint_step != global_step:
                         callbacks.save_checkpoint(global_step)
                         history.last_checkpoint_step = global_step
@@ -314,7 +322,48 @@ def train_loop(
             callbacks.on_epoch_end(epoch)
         if global_step >= config.max_train_steps:
             break
+    if pending:  # the dataset ran out between reads
+        _read_losses(pending, policy)
+        _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
     return history
+
+
+def _read_losses(pending: list[tuple[StepRecord, torch.Tensor, int]], policy: NonFiniteLossPolicy) -> bool:
+    """Read the pending steps' losses in one device-to-host transfer into their records; empties ``pending``.
+
+    Each value is judged by ``policy`` in step order (raising for a non-finite loss as it says); returns
+    whether the last one was finite.
+    """
+    values = torch.stack([loss for _, loss, _ in pending]).tolist()
+    finite = True
+    for (record, _, epoch), value in zip(pending, values):
+        record.loss = float(value)
+        finite = policy.check(record.loss, record.step, epoch)
+    pending.clear()
+    return finite
+
+
+def _log_read_steps(
+    accelerator: Any, progress_bar: Any, history: TrainingHistory, policy: NonFiniteLossPolicy, records: list[StepRecord]
+) -> None:
+    """Log the steps whose losses were just read (and empty ``records``): trackers per step, the bar's postfix once."""
+    history.nonfinite_loss_steps = policy.total
+    for record in records:
+        accelerator.log(
+            {
+                "train_loss": record.loss,
+                "lr": record.lr,
+                "images_per_sec": record.images / max(record.step_time, 1e-9),
+                "skipped_steps": history.skipped_steps,
+            },
+            step=record.step,
+        )
+    if records:
+        last = records[-1]
+        progress_bar.set_postfix(
+            step_loss=f"{last.loss:.4f}", lr=last.lr, images_per_sec=f"{last.images / max(last.step_time, 1e-9):.2f}"
+        )
+    records.clear()
 
 
 def num_update_steps(dataloader_len: int, gradient_accumulation_steps: int) -> int:

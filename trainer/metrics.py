@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from trainer.atomic import write_text_atomically
+from trainer.compiling import compile_seconds
 
 WARMUP_STEPS = 5
 
@@ -147,6 +148,8 @@ class RunFacts:
     lora_digest_per_rank: list[str]
     training_wall_time_s: float
     total_wall_time_s: float
+    compile_mode: str | None = None  # --compile's mode, None for an eager run
+    compile_backend: str | None = None  # --compile's backend, None for an eager run
 
 
 def run_summary(args: Any, history: TrainingHistory, facts: RunFacts) -> dict[str, Any]:
@@ -190,6 +193,15 @@ def run_summary(args: Any, history: TrainingHistory, facts: RunFacts) -> dict[st
             "lora_digest_per_rank": facts.lora_digest_per_rank,
             "training_wall_time_s": facts.training_wall_time_s,
             "total_wall_time_s": facts.total_wall_time_s,
+            "compile_mode": facts.compile_mode,
+            "compile_backend": facts.compile_backend,
+            # The warm-up steps' compute time beyond the steady step time: compilation (and graph capture).
+            # fps above excludes the warm-up steps, so it is the steady speed.
+            "compile_seconds": (
+                compile_seconds([r.step_time - r.data_time for r in history.records], WARMUP_STEPS)
+                if facts.compile_mode is not None
+                else None
+            ),
         },
     )
 
@@ -235,6 +247,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"interrupted by {summary['interrupted']} after step {summary.get('last_step')}: saved"
             f" {summary.get('last_checkpoint')} and the LoRA weights; continue with --resume_from_checkpoint latest"
         )
+    if summary.get("compile_seconds") is not None:
+        lines.append(f"Compile time sec : {summary['compile_seconds']:.2f}")
     lines += [
         f"Final Performance images/sec : {summary['fps']:.2f}",
         f"Final Train Loss : {summary['final_train_loss']:.6f}",

@@ -15,7 +15,8 @@ What is checked:
   ``--max_nonfinite_steps`` (at least 1), the caching flags (``trainer.caching.check_flags``);
 * flags that need a library or device: ``--use_8bit_adam`` (bitsandbytes),
   ``--enable_xformers_memory_efficient_attention`` (xformers), ``--enable_npu_flash_attention`` and
-  ``--use_npu_fused_adamw`` (an Ascend NPU);
+  ``--use_npu_fused_adamw`` (an Ascend NPU); ``--compile`` / ``--compile_mode`` (``trainer.compiling.check_flags``:
+  reduce-overhead needs CUDA, an NPU needs torchair, a mode needs --compile), ``--logging_steps`` (at least 1);
 * the model: a local ``--pretrained_model_name_or_path`` has every SDXL subfolder with its config and
   weights; a local ``--vae_name`` is a diffusers ``AutoencoderKL``;
 * the dataset: it exists and has rows, ``--image_column`` / ``--caption_column`` exist and hold images /
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, data
+from trainer import caching, checkpointing, compiling, data
 from trainer.args import EMBEDDED
 from trainer.errors import InputError, one_line
 
@@ -86,6 +87,9 @@ def check_flags(args: argparse.Namespace) -> None:
     device_type = training_device_type()
     check_mixed_precision(requested, source, device_type, bf16_supported)
     check_optional_features(args, device_type)
+    compiling.check_flags(args, device_type)
+    if getattr(args, "logging_steps", 1) < 1:
+        raise InputError(f"--logging_steps {args.logging_steps}: expected at least 1")
     caching.check_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir

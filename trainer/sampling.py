@@ -141,8 +141,12 @@ def build_dataloader(
     num_workers: int,
     seed: int,
     collate_fn: Callable[[list[Any]], Any],
+    drop_last: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
-    """The training dataloader (shuffled, seeded, resumable) and its sampler (call ``set_epoch``)."""
+    """The training dataloader (shuffled, seeded, resumable) and its sampler (call ``set_epoch``).
+
+    ``drop_last``: leave out an epoch's partial last batch (``--compile``: one batch shape for the run).
+    """
     sampler = EpochShuffleSampler(len(dataset), seed)
     # Its own generator: creating an iterator draws the workers' base seed from it instead of from the
     # global torch RNG, which would shift the training step's noise after a resume.
@@ -154,6 +158,7 @@ def build_dataloader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         generator=generator,
+        drop_last=drop_last,
         # Workers survive a Ctrl-C / SLURM SIGTERM long enough for the main process to stop gracefully.
         worker_init_fn=WorkerSignals() if num_workers > 0 else None,
     )

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, data, distributed, errors, metrics, models, optim, preflight, sampling
+from trainer import caching, checkpointing, compiling, data, distributed, errors, metrics, models, optim, preflight, sampling
 from trainer.args import parse_args, tracker_config
 from trainer.atomic import replace_files
 from trainer.embedded_default import ensure_assets
@@ -95,9 +95,12 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
     resume_from = checkpointing.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     data_seed = _data_seed(args, accelerator, resume_from)
     training_data = caching.prepare(args, train_dataset, components, accelerator)
+    if args.compile:  # one batch shape for the whole run: nothing recompiles mid-run
+        compiling.full_batches_only(len(training_data.dataset), args.train_batch_size)
     train_dataloader, sampler = sampling.build_dataloader(
-        training_data.dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, training_data.collate_fn
-    )
+        training_data.dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, training_data.collate_fn,
+        drop_last=args.compile,
+    )  # fmt: skip
     skipped_images = data.SkippedImages()  # --on_bad_image skip: filled from the batches, see train_loop
 
     # ------------------------------------------------------------------ schedule, devices
@@ -140,9 +143,11 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
         debug_loss=args.debug_loss,
         skip_batches=resume_point.skip_batches if resume_point else 0,
         max_nonfinite_steps=args.max_nonfinite_steps,
+        logging_steps=args.logging_steps,
     )
     step_context = StepContext(
-        unet=run.unet,
+        # --compile: only the training step sees the compiled UNet; validation and saving use run.unet.
+        unet=compiling.compile_unet(run.unet, args, accelerator.device.type) if args.compile else run.unet,
         vae=components.vae,
         text_encoders=run.text_encoders,
         noise_scheduler=_with_prediction_type(components.noise_scheduler, args.prediction_type),
@@ -229,6 +234,8 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
                 lora_digest_per_rank=digests,
                 training_wall_time_s=training_time,
                 total_wall_time_s=time.perf_counter() - started,
+                compile_mode=compiling.compile_mode(args),
+                compile_backend=compiling.compile_backend(args),
             ),
         )
         metrics.write_summary(summary, output_dir)
