@@ -80,7 +80,6 @@ def lora_step(request, bench_size, device):
 
     yield precision, unet, forward, forward_backward, step
     npu_kernels.restore(unet)
-    del unet, optimizer, params
     gc.collect()
 
 

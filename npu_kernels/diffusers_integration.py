@@ -13,15 +13,14 @@ from types import MethodType
 from typing import Any, Callable
 
 import torch
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from npu_kernels import frozen_layers, peft_lora
 from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
 from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
-
-from diffusers.models.activations import GEGLU
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from diffusers.models.resnet import ResnetBlock2D
 
 _FUSED_TAG = "_npu_kernels_fused"
 _PREVIOUS_PROCESSOR = "_npu_kernels_previous_processor"

@@ -92,10 +92,8 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
 
 def _runs_plain_fast_path(module: nn.Module) -> bool:
     """Our patched forward, and no hook that calling it directly would skip."""
-    return (
-        getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward
-        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
-    )
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)  # noqa: SLF001
+    return getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward and not any(hooks)
 
 
 def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -116,4 +114,4 @@ def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) ->
 
 
 def _global_module_hooks() -> bool:
-    return bool(torch.nn.modules.module._has_any_global_hook())
+    return bool(torch.nn.modules.module._has_any_global_hook())  # noqa: SLF001 (no public query exists)
