@@ -15,10 +15,10 @@ from tests.ops._backends import cases, device, leaf, randn
 
 CASES = [
     # (shape, groups, affine, channels-last too)   why
-    ((1, 96, 5, 7), 32, "both", True),     # batch 1, 3 channels per group, odd spatial
+    ((1, 96, 5, 7), 32, "both", False),    # batch 1, 3 channels per group, odd spatial
     ((2, 6, 9, 11), 3, "none", True),      # no affine parameters, 2 channels per group
     ((2, 6, 9, 11), 3, "weight", False),   # weight only
-    ((1, 64, 33, 33), 4, "both", True),    # 1089 positions: several spatial chunks per group
+    ((1, 16, 33, 33), 4, "both", True),    # 1089 positions: several spatial chunks per group
     ((1, 256, 3, 3), 1, "bias", True),     # 256 channels in one group: several channel blocks
     ((2, 40, 1, 1), 8, "both", False),     # a single spatial element, 5 channels per group
     ((2, 12, 50), 4, "both", True),        # 1-D spatial
@@ -105,11 +105,11 @@ def test_large_mean_small_variance_keeps_precision(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", cases(dtypes=[torch.float32, torch.float16]), indirect=["backend"])
 def test_constant_input_stays_finite(backend, dtype):
     # Zero variance: rstd = 1/sqrt(eps), x - mean = 0 exactly; the output is silu(bias).
-    x = leaf(torch.full((1, 32, 4, 4), 3.0, dtype=dtype, device=device(backend)))
-    bias = randn(32, dtype=dtype, device=device(backend))
-    out = npu_kernels.group_norm_silu(x, 32, None, bias)
+    x = leaf(torch.full((1, 12, 3, 5), 3.0, dtype=dtype, device=device(backend)))
+    bias = randn(12, dtype=dtype, device=device(backend))
+    out = npu_kernels.group_norm_silu(x, 6, None, bias)
     out.sum().backward()
-    expected = F.silu(bias.detach().double().cpu()).view(1, 32, 1, 1).expand(1, 32, 4, 4)
+    expected = F.silu(bias.detach().double().cpu()).view(1, 12, 1, 1).expand(1, 12, 3, 5)
     reference.assert_close(out, expected, dtype, "constant input")
     assert torch.isfinite(x.grad).all() and torch.isfinite(bias.grad).all()
 
