@@ -15,6 +15,8 @@ Outputs in ``--output_dir``: ``pytorch_lora_weights.safetensors``, ``validation/
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import gc
 import logging
 import math
@@ -164,7 +166,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
     # The handlers stay until the LoRA file is written.
     stop = GracefulStop().install()
     try:
-        with npu_kernels_selections() as selections:  # which backend served each op, counted
+        with npu_kernels_selections(count=not args.compile) as selections:  # which backend served each op
             history = train_loop(
                 accelerator, loop_config, step_context, run.trainable_modules, run.optimizer, run.lr_scheduler,
                 run.dataloader, params_to_optimize, progress_bar,
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
                 peak_memory=peaks,
                 memory_kind=memory_kind,
                 kernels=components.kernels_report,
-                backends=metrics.backends_served(selections) if args.kernels == "on" else models.stock_backends(),
+                backends=_backends_report(args, selections, accelerator.device.type),
                 optimizer=type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__,
                 lora_weights=str(output_dir / checkpointing.LORA_FILE),
                 validation_images=validator.paths + final_paths,
@@ -377,11 +379,26 @@ class CheckpointWriter:
         checkpointing.save_checkpoint(self.accelerator, self.args.output_dir, self.state(step), self.args.checkpoints_total_limit)
 
 
-def npu_kernels_selections() -> Any:
-    """``npu_kernels.backends.count_selections()``: the (op, backend) decisions made while training."""
+def npu_kernels_selections(count: bool = True) -> Any:
+    """``npu_kernels.backends.count_selections()``: the (op, backend) decisions made while training.
+
+    Not under ``--compile`` (``count=False``, an empty counter): the decisions are made while dynamo traces,
+    and a counter that grows would fail dynamo's guards and recompile the UNet at every step.
+    """
+    if not count:
+        return contextlib.nullcontext(collections.Counter())
     from npu_kernels import backends  # npu_kernels imports its kernels (slow): only once training starts
 
     return backends.count_selections()
+
+
+def _backends_report(args: argparse.Namespace, selections: Any, device_type: str) -> dict[str, Any]:
+    """summary.json's ``backends``: stock modules, the compiled graph's routes (--compile) or the counted calls."""
+    if args.kernels != "on":
+        return models.stock_backends()
+    if args.compile:
+        return compiling.compiled_routes(device_type)
+    return metrics.backends_served(selections)
 
 
 def _teardown(accelerator: Any, run: PreparedRun, step_context: StepContext, validator: Validator) -> None:
