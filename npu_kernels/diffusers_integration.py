@@ -28,6 +28,22 @@ _PREVIOUS_PROCESSOR = "_npu_kernels_previous_processor"
 _REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
 
+def _cast_once_for_autocast(attn: Attention, states: torch.Tensor) -> torch.Tensor:
+    """``states`` in the autocast dtype when to_k and to_v would each cast it there anyway.
+
+    Under autocast, cross-attention's to_k and to_v (and PEFT's LoRA layers inside them) each cast
+    the fp32 text states to bf16: two launches and, with LoRA, two saved copies per layer. One cast
+    gives both the same values. Only for states without a gradient (a text-encoder gradient would
+    otherwise be summed in bf16 rather than fp32) and Linear/LoRA-Linear projections.
+    """
+    device_type = states.device.type
+    if states.dtype != torch.float32 or states.requires_grad or not torch.is_autocast_enabled(device_type):
+        return states
+    if not all(type(m) is nn.Linear or peft_lora.patchable(m) for m in (attn.to_k, attn.to_v)):
+        return states
+    return states.to(torch.get_autocast_dtype(device_type))
+
+
 class FusedAttnProcessor:
     """Drop-in for diffusers' ``AttnProcessor2_0`` running ``npu_kernels`` attention.
 
@@ -83,6 +99,7 @@ class FusedAttnProcessor:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            encoder_hidden_states = _cast_once_for_autocast(attn, encoder_hidden_states)
             key = attn.to_k(encoder_hidden_states)
             value = attn.to_v(encoder_hidden_states)
 

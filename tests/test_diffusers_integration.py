@@ -391,3 +391,39 @@ def test_frozen_layers_match_stock_and_dispatch_no_more(layer, autocast):
     ours_counts, stock_counts = count_dispatches(lambda: run(ours)), count_dispatches(lambda: run(stock))
     assert ours_counts.dispatched <= stock_counts.dispatched
     assert ours_counts.launching <= stock_counts.launching
+
+
+def test_cross_attention_casts_text_states_once_under_autocast(monkeypatch):
+    """Under autocast the fp32 text states are cast once for to_k and to_v (LoRA or not): same
+    values as stock, fewer launches, one saved copy instead of two."""
+    from peft import inject_adapter_in_model
+
+    from benchmarks.dispatch_counts import count_dispatches
+    from benchmarks.memory import saved_bytes
+    from npu_kernels import diffusers_integration
+
+    torch.manual_seed(6)
+    attn = Attention(32, cross_attention_dim=16, heads=4, dim_head=8)
+    attn.requires_grad_(False)
+    attn = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), attn)
+    with torch.no_grad():
+        for name, param in attn.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+            if "lora_" not in name:
+                param.data = param.data.bfloat16()  # the recipe: frozen base in bf16, LoRA in fp32
+    stock = copy.deepcopy(attn)
+    npu_kernels.optimize(attn)
+    x, text = torch.randn(2, 9, 32), torch.randn(2, 7, 16)
+
+    def run(module):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(x * 1.0, encoder_hidden_states=text)
+
+    reference.assert_close(run(attn), run(stock).double(), torch.bfloat16, "cross-attention output")
+    params = list(attn.parameters()) + list(stock.parameters())
+    once_bytes, once_launching = saved_bytes(lambda: run(attn), exclude=params), count_dispatches(lambda: run(attn)).launching
+    assert once_bytes < saved_bytes(lambda: run(stock), exclude=params)
+    monkeypatch.setattr(diffusers_integration, "_cast_once_for_autocast", lambda attn, states: states)
+    assert once_bytes < saved_bytes(lambda: run(attn), exclude=params)  # one text copy saved, not two
+    assert once_launching < count_dispatches(lambda: run(attn)).launching
