@@ -181,8 +181,11 @@ if [[ -s "$ASSETS_FILE" ]]; then
   run_stage trainer_sdxl:kernels_off 180 90 "$PYTHON" -m trainer.sdxl_lora "${SDXL_ARGS[@]}" --kernels off --output_dir "$OUT_DIR/trainer_sdxl_kernels_off"
   run_stage trainer_sdxl:kernels_on 180 90 "$PYTHON" -m trainer.sdxl_lora "${SDXL_ARGS[@]}" --kernels on --output_dir "$OUT_DIR/trainer_sdxl_kernels_on"
   if trainer_has_compile; then
-    run_stage trainer_sdxl:kernels_on_compile 300 150 "$PYTHON" -m trainer.sdxl_lora "${SDXL_ARGS[@]}" --kernels on --compile \
-      --compile_mode "$COMPILE_MODE" --output_dir "$OUT_DIR/trainer_sdxl_kernels_on_compile"
+    # (rehearsal: aot_eager, graph capture without inductor's C++ builds)
+    TRAINER_COMPILE=(--compile --compile_mode "$COMPILE_MODE")
+    [[ "$REHEARSAL" == 1 ]] && TRAINER_COMPILE+=(--compile_backend aot_eager)
+    run_stage trainer_sdxl:kernels_on_compile 300 150 "$PYTHON" -m trainer.sdxl_lora "${SDXL_ARGS[@]}" --kernels on \
+      "${TRAINER_COMPILE[@]}" --output_dir "$OUT_DIR/trainer_sdxl_kernels_on_compile"
   else
     RESULT[trainer_sdxl:kernels_on_compile]="SKIPPED (trainer has no --compile yet)"
   fi

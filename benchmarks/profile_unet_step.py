@@ -80,7 +80,7 @@ def main() -> None:
             step()
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
-        label = f"{impl} {mode}" + (f" {args.compile_mode}" if mode == "compiled" else "")
+        label = f"{impl} {mode}" + (f" {args.compile_mode} ({args.compile_backend})" if mode == "compiled" else "")
         print(f"\n== {label} ({args.precision}, {'tiny' if args.tiny else args.resolution}): "
               f"step {wall * 1e3:.1f} ms wall (median of 3; warm-up {warmup:.1f} s)"
               + (f", kernels {device_us / 1e3:.1f} ms on the GPU: wall/GPU {wall * 1e3 / (device_us / 1e3):.2f}x" if device_us else ""))
