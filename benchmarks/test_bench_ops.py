@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import npu_kernels
-from npu_kernels import backends
 from benchmarks.memory import saved_bytes
+from npu_kernels import backends
 
 SHAPES = {
     "full": {

@@ -77,13 +77,13 @@ def test_unet_step(benchmark, lora_unet, mode, impl, bench_size, bench_rounds, r
 
     def forward() -> torch.Tensor:
         with autocast:
-            prediction = model(**inputs).sample
-        return F.mse_loss(prediction.float(), target)
+            prediction = model(**inputs).sample  # noqa: F821 - cell emptied by the del at the end
+        return F.mse_loss(prediction.float(), target)  # noqa: F821
 
     def step() -> None:
         forward().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # noqa: F821 - cell emptied by the del at the end
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821
         _synchronize(device)
 
     warmup = WARMUP_STEPS[mode]

@@ -114,7 +114,7 @@ def load(name: str) -> ModuleType | None:
         return None
     try:
         module = importlib.import_module(_MODULES[name])
-    except Exception as exc:  # ImportError, or torch_npu failing without CANN (often OSError/RuntimeError)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or torch_npu failing without CANN (often OSError/RuntimeError)
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
     if not callable(getattr(module, "not_supported_reasons", None)):

@@ -20,8 +20,6 @@ backward torch_npu registers itself).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -227,7 +225,8 @@ def _scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Ten
 
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     if _use_cpu_flash(q, v):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        # ATen's own CPU flash kernel: the one ATen op that returns (out, logsumexp) on the CPU.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # noqa: SLF001
             q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
         )
         # float32 logsumexp (float64 for float64 inputs); a plain conditional, because
@@ -247,7 +246,7 @@ def flash_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, attn_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_cpu_flash(q, v):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(  # noqa: SLF001
             grad_out, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask, scale=scale
         )
     # FlashAttention's backward in matrix form: recompute P from the saved logsumexp.

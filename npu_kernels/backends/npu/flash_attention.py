@@ -127,7 +127,7 @@ def _probe_float32_attention(device: torch.device) -> str | None:
             out.sum().backward()
             if device.type == "npu":
                 getattr(torch, "npu", torch_npu.npu).synchronize()
-    except Exception as exc:  # the op's dtype check (RuntimeError), or anything the runtime raises
+    except Exception as exc:  # noqa: BLE001 - the op's dtype check (RuntimeError), or anything the runtime raises
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -159,8 +159,8 @@ def _tracing() -> bool:
     if torch.compiler.is_compiling():
         return True
     try:
-        return torch._guards.detect_fake_mode() is not None
-    except Exception:  # private API: if it moves, behave as eager
+        return torch._guards.detect_fake_mode() is not None  # noqa: SLF001 - no public way to see a fake mode
+    except Exception:  # noqa: BLE001 - private API: if it moves, behave as eager
         return False
 
 
