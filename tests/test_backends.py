@@ -114,3 +114,22 @@ def test_triton_not_supported_reasons():
     if tk.interpreting():
         bf16 = torch.empty(2, 8, dtype=torch.bfloat16)
         assert any("interpreter" in r for r in tk.not_supported_reasons("geglu", bf16))
+
+
+# ------------------------------------------------------------------- counting what dispatch chose
+def test_count_selections_counts_eager_calls_and_never_forces_a_recompile(monkeypatch):
+    x = torch.randn(3, 2 * 5)
+    with backends.count_selections() as counts:
+        npu_kernels.geglu(x)
+        npu_kernels.geglu(x)
+    assert counts == {("geglu", "torch"): 2}
+
+    # Counting while dynamo traces would change state it guards on: every call would recompile.
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(lambda t: npu_kernels.geglu(t) * 2, backend="aot_eager", fullgraph=True)
+    with backends.count_selections() as counts:
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), npu_kernels.geglu(x) * 2)
+    assert counts == {("geglu", "torch"): 3}  # the eager reference calls only
+    torch._dynamo.reset()

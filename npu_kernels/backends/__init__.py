@@ -182,8 +182,9 @@ _selection_counters: list[collections.Counter] = []
 def count_selections() -> Iterator[collections.Counter]:
     """Count the dispatch decisions made inside the block: ``Counter[(op, backend)] -> calls``.
 
-    What actually ran, not a prediction: every eager op call selects once (under ``torch.compile`` the
-    selection happens when tracing, so a compiled graph counts once per trace, not per run).
+    What actually ran, not a prediction: every eager op call selects once. Selections made while
+    ``torch.compile`` traces are not counted: a compiled graph runs without selecting, and a counter
+    growing during tracing would change state dynamo guards on and force a recompile every call.
     """
     counter: collections.Counter = collections.Counter()
     _selection_counters.append(counter)
@@ -196,8 +197,9 @@ def count_selections() -> Iterator[collections.Counter]:
 def select(op: str, *tensors: torch.Tensor | None) -> str:
     """Name of the backend that serves ``op`` for these input tensors."""
     name = _select(op, tensors)
-    for counter in _selection_counters:
-        counter[(op, name)] += 1
+    if not torch.compiler.is_compiling() and _selection_counters:  # compiling first: no guard on the list
+        for counter in _selection_counters:
+            counter[(op, name)] += 1
     return name
 
 
