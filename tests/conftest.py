@@ -38,8 +38,8 @@ def npu_standin():
     dispatcher made to load them; all of it undone afterwards so that later test modules see this
     process as it was. Yields ``SimpleNamespace(torch_npu=..., npu=...)``.
 
-    The same approach as ``tests/test_npu_backend.py``'s ``env`` fixture (which also checks how
-    the adapters call torch_npu); the op tests use this one to run the public ops on ``npu``.
+    Used by the op tests (the public ops on ``npu``) and by ``tests/backends/test_npu.py`` (how the
+    adapters call torch_npu).
     """
     from npu_kernels import backends
 

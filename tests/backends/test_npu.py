@@ -8,9 +8,7 @@ say nothing about the real kernels' numerics or speed: that needs an NPU (see do
 """
 from __future__ import annotations
 
-import importlib
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -23,39 +21,13 @@ from tests import reference
 
 STANDIN_DIR = Path(__file__).resolve().parent.parent / "torch_npu_standin"
 DTYPES = [torch.float32, torch.bfloat16]
-_SWAPPED_MODULES = ("torch_npu", "npu_kernels.backends.npu")  # and their submodules
 
 
 @pytest.fixture(scope="module")
-def env():
-    """Put the stand-in first on sys.path, import it and the adapters, and make the dispatcher load
-    them; undo all of it afterwards so that other test modules see this process as it was."""
-    current = sys.modules.get("torch_npu")
-    if current is not None and not getattr(current, "IS_STANDIN", False):
-        pytest.skip("the real torch_npu is imported in this process; these tests need the stand-in")
-    swapped = [name for name in sys.modules if name == "torch_npu" or name.startswith(_SWAPPED_MODULES)]
-    saved = {name: sys.modules.pop(name) for name in swapped}
-    had_attr, old_attr = hasattr(backends, "npu"), getattr(backends, "npu", None)
-    sys.path.insert(0, str(STANDIN_DIR))
-    backends.reset_cache()
-    try:
-        torch_npu = importlib.import_module("torch_npu")
-        assert getattr(torch_npu, "IS_STANDIN", False), "the real torch_npu was imported instead of the stand-in"
-        assert Path(torch_npu.__file__).resolve().parent.parent == STANDIN_DIR
-        adapters = importlib.import_module("npu_kernels.backends.npu")
-        assert adapters.torch_npu is torch_npu
-        assert backends.load("npu") is adapters, backends.load_error("npu")
-        yield types.SimpleNamespace(torch_npu=torch_npu, npu=adapters)
-    finally:
-        sys.path.remove(str(STANDIN_DIR))
-        for name in [name for name in sys.modules if name.startswith(_SWAPPED_MODULES)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-        if had_attr:
-            backends.npu = old_attr
-        elif hasattr(backends, "npu"):
-            del backends.npu
-        backends.reset_cache()
+def env(npu_standin):
+    """The stand-in ``torch_npu`` and the adapters (tests/conftest.py's ``npu_standin``)."""
+    assert Path(npu_standin.torch_npu.__file__).resolve().parent.parent == STANDIN_DIR
+    return npu_standin
 
 
 @pytest.fixture(autouse=True)
