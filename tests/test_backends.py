@@ -117,7 +117,7 @@ def test_triton_not_supported_reasons():
 
 
 # ------------------------------------------------------------------- counting what dispatch chose
-def test_count_selections_counts_eager_calls_and_never_forces_a_recompile(monkeypatch):
+def test_count_selections_counts_eager_calls_and_never_forces_a_recompile():
     x = torch.randn(3, 2 * 5)
     with backends.count_selections() as counts:
         npu_kernels.geglu(x)
@@ -125,10 +125,10 @@ def test_count_selections_counts_eager_calls_and_never_forces_a_recompile(monkey
     assert counts == {("geglu", "torch"): 2}
 
     # Counting while dynamo traces would change state it guards on: every call would recompile.
+    # (config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry for good.)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled = torch.compile(lambda t: npu_kernels.geglu(t) * 2, backend="aot_eager", fullgraph=True)
-    with backends.count_selections() as counts:
+    with torch._dynamo.config.patch(error_on_recompile=True), backends.count_selections() as counts:
         for _ in range(3):
             torch.testing.assert_close(compiled(x), npu_kernels.geglu(x) * 2)
     assert counts == {("geglu", "torch"): 3}  # the eager reference calls only

@@ -18,14 +18,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from trainer import data, preflight
-from trainer.embedded_default import ensure_assets
 from trainer.errors import EXIT_INPUT_ERROR, InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,18 +32,6 @@ PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with the other trainer tests
-
-
-@pytest.fixture(scope="module")
-def assets(assets_cache: Path) -> Iterator[Any]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NPU_KERNELS_CACHE", str(assets_cache))
-        yield ensure_assets()
-
-
 @pytest.fixture(scope="module")
 def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """datasets' Arrow cache, outside every case directory (whose contents must not change)."""

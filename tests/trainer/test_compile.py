@@ -58,11 +58,6 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return status, capsys.readouterr().err
 
 
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with the other trainer tests
-
-
 @pytest.fixture(scope="module")
 def cache_env(assets_cache: Path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:

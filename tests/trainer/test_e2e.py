@@ -42,12 +42,6 @@ def run_main(argv: list[str]) -> tuple[dict[str, Any], str, str]:
     return summary, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One asset cache per test session (other trainer test files compute the same path)."""
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"
-
-
 @pytest.fixture(scope="module")
 def cache_env(assets_cache: Path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:

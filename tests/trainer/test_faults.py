@@ -20,11 +20,6 @@ from trainer.embedded_default import ensure_assets
 EVERY_2 = [*TINY, "--checkpointing_steps", "2"]
 
 
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with the other trainer tests
-
-
 @pytest.fixture(scope="module")
 def cache(assets_cache: Path) -> Path:
     with pytest.MonkeyPatch.context() as patch:

@@ -23,7 +23,7 @@ import torch
 from tests.trainer.runs import REPO, trainer_env
 from trainer import distributed, guards, loop, metrics, models, optim, sampling
 from trainer.args import EMBEDDED, parse_args
-from trainer.embedded_default import EMBEDDED_OVERRIDES, ensure_assets
+from trainer.embedded_default import EMBEDDED_OVERRIDES
 from trainer.errors import EXIT_INPUT_ERROR, NonFiniteLossError
 from trainer.hooks import TrainingHooks
 
@@ -59,18 +59,6 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with the other trainer tests
-
-
-@pytest.fixture(scope="module")
-def assets(assets_cache: Path) -> Iterator[Any]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NPU_KERNELS_CACHE", str(assets_cache))
-        yield ensure_assets()
 
 
 @pytest.fixture(scope="module")

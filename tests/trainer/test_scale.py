@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,23 +14,9 @@ import torch
 from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
 from tests.trainer.test_e2e import run_main
 from trainer import caching, checkpointing, distributed, sampling
-from trainer.embedded_default import ensure_assets
 from trainer.preflight import InputError
 
 SCRIPTS = REPO / "trainer" / "scripts"
-
-
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with the other trainer tests
-
-
-@pytest.fixture(scope="module")
-def assets(assets_cache: Path) -> Iterator[object]:
-    """The embedded assets, generated before any subprocess needs them (no generation races)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NPU_KERNELS_CACHE", str(assets_cache))
-        yield ensure_assets()
 
 
 def _script(name: str, args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:

@@ -14,11 +14,6 @@ from trainer.args import parse_args
 from trainer.embedded_default import build_samples, ensure_assets
 
 
-@pytest.fixture(scope="session")
-def assets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "npu_kernels_cache"  # shared with tests/trainer/test_e2e.py
-
-
 @pytest.fixture(scope="module")
 def model_dir(assets_cache: Path) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
