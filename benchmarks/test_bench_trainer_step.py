@@ -24,7 +24,6 @@ import json
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
-from trainer import args as trainer_args
 from trainer import sdxl_lora
 
 FLAGS = {
@@ -37,18 +36,9 @@ FLAGS = {
 _DEFAULT_EAGER_FPS: dict[tuple[str, int], float] = {}
 
 
-def _trainer_has_flag(flag: str) -> bool:
-    parser = trainer_args.build_parser()
-    return flag in parser._option_string_actions
-
-
 def _compile_flags(compile_mode: str, compile_backend: str) -> list[str]:
-    if not _trainer_has_flag("--compile"):
-        pytest.skip("trainer has no --compile yet")
     flags = ["--compile"] + (["--compile_mode", compile_mode] if compile_mode != "default" else [])
     if compile_backend != "inductor":
-        if not _trainer_has_flag("--compile_backend"):
-            pytest.skip(f"--compile-backend {compile_backend}: the trainer has no --compile_backend")
         flags += ["--compile_backend", compile_backend]
     return flags
 
