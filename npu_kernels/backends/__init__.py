@@ -86,21 +86,23 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot load or cannot serve the given inputs."""
 
 
-def _check_name(name: str) -> str:
+def _checked(name: str, choices: tuple[str, ...], what: str) -> str:
+    """``name`` normalised, if it is ``auto`` or one of ``choices``; else a ValueError naming them."""
     name = name.strip().lower()
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown npu_kernels backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name not in choices + ("auto",):
+        raise ValueError(f"unknown {what} {name!r}; choose one of auto, {', '.join(choices)}")
     return name
+
+
+def _check_name(name: str) -> str:
+    return _checked(name, BACKENDS, "npu_kernels backend")
 
 
 _forced: str = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
 
 
 def _check_compiled(name: str) -> str:
-    name = name.strip().lower()
-    if name not in COMPILED_CHOICES + ("auto",):
-        raise ValueError(f"unknown compiled choice {name!r}; choose one of auto, {', '.join(COMPILED_CHOICES)}")
-    return name
+    return _checked(name, COMPILED_CHOICES, "compiled choice")
 
 
 _compiled_forced: str = _check_compiled(os.environ.get(COMPILED_ENV_VAR, "auto") or "auto")
