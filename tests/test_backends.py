@@ -2,6 +2,7 @@
 backend gives for refusing inputs, ``auto``'s choices per device, and ``python -m npu_kernels``."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -52,8 +53,12 @@ def test_forced_backend_that_cannot_serve_the_inputs_says_why():
             backends.select("geglu", torch.ones(2, 4, dtype=torch.int64))
 
 
-def test_cpu_auto_uses_the_pytorch_path():
-    assert npu_kernels.backend_report("cpu") == {**{op: "torch" for op in backends.OPS}, "lora_linear": "torch"}
+def test_cpu_auto_uses_the_pytorch_path_and_sdpa_for_attention():
+    # SDPA runs ATen's CPU flash kernel like our PyTorch path, with its backward in C++.
+    assert npu_kernels.backend_report("cpu") == {
+        "geglu": "torch", "group_norm_silu": "torch", "flash_attention": "sdpa", "cross_attention": "sdpa",
+        "lora_linear": "torch",
+    }
 
 
 def test_cuda_auto_routes_attention_to_sdpa_and_the_rest_to_triton():
@@ -133,3 +138,37 @@ def test_count_selections_counts_eager_calls_and_never_forces_a_recompile():
             torch.testing.assert_close(compiled(x), npu_kernels.geglu(x) * 2)
     assert counts == {("geglu", "torch"): 3}  # the eager reference calls only
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs on CPU)")
+def test_auto_decides_once_per_input_kind(monkeypatch):
+    """``auto`` walks the priority list once per (op, device, dtype, shape) and reuses the answer."""
+    asked = []
+    real = backends.not_supported_reasons
+
+    def counting(name, op, tensors):
+        asked.append(name)
+        return real(name, op, tensors)
+
+    # Give the CPU a choice to make: Triton (interpreter: float32/float16, even last dim) first.
+    monkeypatch.setitem(backends._AUTO_PRIORITY, "cpu", {"geglu": ("triton", "torch")})
+    monkeypatch.setattr(backends, "not_supported_reasons", counting)
+    backends.forget_decisions()
+    try:
+        x = torch.randn(3, 8)
+        with backends.count_selections() as counts:
+            assert [backends.select("geglu", x) for _ in range(5)] == ["triton"] * 5
+        assert asked == ["triton"] and counts[("geglu", "triton")] == 5  # decided once, counted every call
+        assert backends.select("geglu", torch.randn(3, 8, dtype=torch.bfloat16)) == "torch"  # no bf16 in the interpreter
+        assert backends.select("geglu", torch.randn(5, 8)) == "triton"  # a new shape is a new kind
+        assert len(asked) == 3
+        backends.forget_decisions()
+        assert backends.select("geglu", x) == "triton" and len(asked) == 4
+    finally:
+        backends.forget_decisions()  # decisions made under the patched priority list must not outlive it
+
+
+def test_decisions_are_forgotten_with_the_backends():
+    backends._decisions[("geglu", None)] = "triton"
+    backends.reset_cache()
+    assert not backends._decisions

@@ -64,7 +64,8 @@ def test_fullgraph_compile_matches_reference_in_each_mode(op, mode):
     fn, reference, inputs = _cases(torch.float32)[op]
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
-    with backends.use_compiled(mode):
+    # The PyTorch path forced: auto gives the CPU's attention to SDPA, itself one ATen op in the graph.
+    with backends.use_compiled(mode), npu_kernels.use_backend("torch"):
         compiled = torch.compile(fn, fullgraph=True, backend=counter)  # fullgraph: a graph break fails
         check_against_reference(compiled, reference, inputs, torch.float32, f"{op} compiled as {mode}")
     assert counter.frame_count == 1

@@ -26,7 +26,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -46,7 +46,10 @@ _MODULES = {
 # slower than SDPA. The H100 numbers behind this (benchmarks/README.md): our self-attention was slower
 # than SDPA; our cross-attention took less GPU time but more host time per call, so SDPA keeps both
 # until a UNet-step run shows the cross-attention switch paying off.
+# On the CPU, SDPA runs the same ATen flash kernel as our PyTorch path and saves the same tensors,
+# with its backward in C++ rather than in a Python autograd Function: less host time per call.
 _AUTO_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {"flash_attention": ("sdpa", "torch"), "cross_attention": ("sdpa", "torch")},
     "npu": {"default": ("npu", "torch")},
     "cuda": {
         "default": ("triton", "torch"),
@@ -80,6 +83,7 @@ DECOMPOSABLE_OPS: tuple[str, ...] = ("geglu", "group_norm_silu", "flash_attentio
 
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
+_functions: dict[tuple[str, str], Callable | None] = {}  # (backend, name) -> function; see function()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -127,9 +131,15 @@ def load(name: str) -> ModuleType | None:
 
 
 def reset_cache() -> None:
-    """Forget which backends loaded (tests that put a stand-in ``torch_npu`` on the path use this)."""
+    """Forget which backends loaded and every decision made with them, then load again what this
+    process can use (tests that put a stand-in ``torch_npu`` on the path use this; so does anything
+    that changes a backend's environment). Loading here, in eager code, keeps an import out of
+    anything ``torch.compile`` traces later."""
     _loaded.clear()
     _load_errors.clear()
+    _functions.clear()
+    forget_decisions()
+    _preload()
 
 
 def load_error(name: str) -> str | None:
@@ -205,6 +215,19 @@ def select(op: str, *tensors: torch.Tensor | None) -> str:
     return name
 
 
+# ``auto``'s decisions by input kind: (op, each tensor's device, dtype and shape) -> backend name.
+# A backend's ``not_supported_reasons`` may read only those (and process-wide settings, which
+# ``reset_cache`` makes it read again): a UNet calls each op with a few dozen kinds of input, so
+# the priority list is walked once per kind instead of at every call.
+_decisions: dict[tuple, str] = {}
+_MAX_DECISIONS = 4096  # dynamic shapes could add kinds without end: start over past this many
+
+
+def forget_decisions() -> None:
+    """Make ``auto`` decide again for every input kind (after a backend's settings changed)."""
+    _decisions.clear()
+
+
 def _select(op: str, tensors: Sequence[torch.Tensor | None]) -> str:
     if _forced != "auto":
         reasons = not_supported_reasons(_forced, op, tensors)
@@ -213,11 +236,23 @@ def _select(op: str, tensors: Sequence[torch.Tensor | None]) -> str:
                 f"npu_kernels backend {_forced!r} (forced) cannot run {op}: {'; '.join(reasons)}"
             )
         return _forced
-    device_type = next(t for t in tensors if t is not None).device.type
-    for name in auto_candidates(device_type, op):
-        if not not_supported_reasons(name, op, tensors):
-            return name
-    return "torch"
+    candidates = auto_candidates(next(t for t in tensors if t is not None).device.type, op)
+    if candidates[0] == "torch":  # the fallback anyway (the CPU): nothing to decide
+        return "torch"
+    if torch.compiler.is_compiling():  # no lookup in a dict dynamo would guard on (and sizes may be symbolic)
+        return _first_usable(candidates, op, tensors)
+    kind = (op, *[None if t is None else (t.device, t.dtype, t.shape) for t in tensors])
+    name = _decisions.get(kind)
+    if name is None:
+        if len(_decisions) >= _MAX_DECISIONS:
+            _decisions.clear()
+        name = _decisions[kind] = _first_usable(candidates, op, tensors)
+    return name
+
+
+def _first_usable(candidates: tuple[str, ...], op: str, tensors: Sequence[torch.Tensor | None]) -> str:
+    """The first candidate without reasons; the PyTorch path, the fallback in any case, is not asked."""
+    return next((name for name in candidates if name == "torch" or not not_supported_reasons(name, op, tensors)), "torch")
 
 
 def forced_compiled() -> str:
@@ -271,11 +306,27 @@ def kernels(name: str) -> ModuleType:
     return module
 
 
+def function(backend: str, name: str) -> Callable | None:
+    """The function ``name`` of a backend's kernel module, ``None`` where it has none; looked up
+    once per process (not while compiling: dynamo would guard on the cache).
+
+    Only callables count: a backend package may well have a submodule named after an op.
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (backend, name) in _functions:
+        return _functions[(backend, name)]
+    fn = getattr(kernels(backend), name, None)
+    fn = fn if callable(fn) else None
+    if not compiling:
+        _functions[(backend, name)] = fn
+    return fn
+
+
 def _preload() -> None:
     """Import the backends this process can use now, so that ``torch.compile`` never traces an import."""
-    names = {"torch", _forced} - {"auto"}
+    names = {"torch", "sdpa", _forced} - {"auto"}  # sdpa: auto's attention on the CPU and CUDA
     if torch.cuda.is_available():
-        names |= {"triton", "sdpa"}
+        names.add("triton")
     if importlib.util.find_spec("torch_npu") is not None:
         names.add("npu")
     for name in names:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import failure)
 
+from npu_kernels import backends
 from npu_kernels.backends.npu import flash_attention as _flash_attention_module
 from npu_kernels.backends.npu import geglu as _geglu_module
 from npu_kernels.backends.npu import group_norm_silu as _group_norm_silu_module
@@ -70,6 +71,7 @@ def reset_capability_cache() -> None:
     the environment)."""
     _reset_fp32_probe()
     reset_chip_cache()
+    backends.forget_decisions()  # auto's choices read these: make it ask again
 
 
 def configure_npu_for_training() -> None:
