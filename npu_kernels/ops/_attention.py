@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, needs_grad, tracing
 
 Tensor = torch.Tensor
 CROSS_ATTENTION_MAX_KV = 256
@@ -97,11 +97,10 @@ def register(op: str) -> tuple:
 
 
 def _check(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> None:
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{op}: q, k, v must be [B, H, S, D]; got {shapes}")
+        raise ValueError(f"{op}: q, k, v must be [B, H, S, D]; got {_shapes(q, k, v)}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{op}: incompatible shapes {shapes} (need q [B,H,Sq,D], k [B,H,Skv,D], v [B,H,Skv,Dv])")
+        raise ValueError(f"{op}: incompatible shapes {_shapes(q, k, v)} (need q [B,H,Sq,D], k [B,H,Skv,D], v [B,H,Skv,Dv])")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -114,6 +113,10 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -
             raise ValueError(f"{op}: attn_mask {tuple(attn_mask.shape)} does not broadcast to {full}") from None
         if attn_mask.device != q.device:
             raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
 def _additive_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -135,12 +138,16 @@ def run(op: str, registered: tuple, q: Tensor, k: Tensor, v: Tensor, attn_mask: 
     """Check, pick the backend, and run ``op`` through its custom op (tracing) or eager Function."""
     _check(op, q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if (plain := compiled_plain_maths(op, q, k, v, attn_mask)) is not None:
+    if tracing() and (plain := compiled_plain_maths(op, q, k, v, attn_mask)) is not None:
         return plain(q, k, v, attn_mask, scale)
     backend = backends.select(op, q, k, v, attn_mask)
     fused = direct(backend, op)
     if fused is not None:
         return fused(q, k, v, attn_mask, scale)
     custom_op, _backward, eager = registered
-    function = custom_op if tracing() else eager.apply
-    return function(q, k, v, _additive_mask(attn_mask, q.dtype), scale, backend)[0]
+    mask = _additive_mask(attn_mask, q.dtype)
+    if tracing():
+        return custom_op(q, k, v, mask, scale, backend)[0]
+    if not needs_grad(q, k, v):
+        return kernel(backend, f"{op}_forward")(q, k, v, mask, scale)[0]
+    return eager.apply(q, k, v, mask, scale, backend)[0]

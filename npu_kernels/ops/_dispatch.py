@@ -24,17 +24,24 @@ def kernel(backend: str, name: str) -> Callable:
     The fallback is how e.g. the NPU backend gets GroupNorm+SiLU's backward: torch_npu has a fused
     forward but no registered backward, so ours runs from the statistics the NPU forward saved.
     """
-    fn = getattr(backends.kernels(backend), name, None)
+    fn = backends.function(backend, name)
     return fn if fn is not None else getattr(reference, name)
 
 
 def direct(backend: str, op: str) -> Callable | None:
-    """A backend's autograd-complete implementation of ``op`` (used as is), if it has one.
+    """A backend's autograd-complete implementation of ``op`` (used as is), if it has one."""
+    return backends.function(backend, op)
 
-    Only functions count: a backend package may well have a submodule named after the op.
-    """
-    fn = getattr(backends.kernels(backend), op, None)
-    return fn if callable(fn) else None
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these inputs. When it would not (inference, no_grad,
+    frozen inputs) the ops run the forward kernel alone: an autograd Function costs host time
+    even when it records nothing."""
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any(<generator>): this runs at every call
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def compiled_plain_maths(op: str, *tensors: torch.Tensor | None) -> Callable | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, needs_grad, tracing
 
 Tensor = torch.Tensor
 _APPROXIMATIONS = ("none", "tanh")
@@ -73,10 +73,15 @@ def geglu(x: Tensor, approximate: str = "none") -> Tensor:
         raise ValueError(f"geglu: approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"geglu: the last dimension must be even (2*H), got shape {tuple(x.shape)}")
-    if (plain := compiled_plain_maths("geglu", x)) is not None:
-        return plain(x, approximate)
+    if tracing():
+        if (plain := compiled_plain_maths("geglu", x)) is not None:
+            return plain(x, approximate)
+        backend = backends.select("geglu", x)
+        fused = direct(backend, "geglu")
+        return fused(x, approximate) if fused is not None else _geglu(x, approximate, backend)
     backend = backends.select("geglu", x)
-    fused = direct(backend, "geglu")
-    if fused is not None:
+    if (fused := direct(backend, "geglu")) is not None:
         return fused(x, approximate)
-    return _geglu(x, approximate, backend) if tracing() else _EagerGeglu.apply(x, approximate, backend)
+    if not needs_grad(x):
+        return kernel(backend, "geglu_forward")(x, approximate)
+    return _EagerGeglu.apply(x, approximate, backend)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, tracing
+from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, needs_grad, tracing
 
 Tensor = torch.Tensor
 
@@ -137,15 +137,20 @@ def group_norm_silu(
     if num_groups <= 0 or channels % num_groups:
         raise ValueError(f"group_norm_silu: {channels} channels are not divisible by num_groups={num_groups}")
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and tuple(param.shape) != (channels,):
+        if param is None:
+            continue
+        if param.shape != (channels,):
             raise ValueError(f"group_norm_silu: {name} must have shape ({channels},), got {tuple(param.shape)}")
-        if param is not None and param.device != x.device:
+        if param.device != x.device:
             raise ValueError(f"group_norm_silu: {name} is on {param.device} but x is on {x.device}")
-    if (plain := compiled_plain_maths("group_norm_silu", x, weight, bias)) is not None:
+    if tracing() and (plain := compiled_plain_maths("group_norm_silu", x, weight, bias)) is not None:
         return plain(x, num_groups, weight, bias, eps)
     backend = backends.select("group_norm_silu", x, weight, bias)
     fused = direct(backend, "group_norm_silu")  # e.g. torch_npu's npu_group_norm_swish, autograd included
     if fused is not None:
         return fused(x, num_groups, weight, bias, eps)
-    function = _group_norm_silu if tracing() else _EagerGroupNormSilu.apply
-    return function(x, num_groups, weight, bias, eps, backend)[0]
+    if tracing():
+        return _group_norm_silu(x, num_groups, weight, bias, eps, backend)[0]
+    if not needs_grad(x, weight, bias):
+        return kernel(backend, "group_norm_silu_forward")(x, num_groups, weight, bias, eps)[0]
+    return _EagerGroupNormSilu.apply(x, num_groups, weight, bias, eps, backend)[0]

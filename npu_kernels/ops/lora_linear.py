@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from npu_kernels.ops._dispatch import tracing
+from npu_kernels.ops._dispatch import needs_grad, tracing
 
 Tensor = torch.Tensor
 
@@ -124,27 +124,41 @@ class _EagerLoraLinear(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------- public op
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> None:
-    shapes = (
-        f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
-        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
-    )
     if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(f"lora_linear: need x [..., in], weight [out, in], lora_A [r, in], lora_B [out, r]; got {shapes}")
+        raise ValueError(
+            "lora_linear: need x [..., in], weight [out, in], lora_A [r, in], lora_B [out, r]; "
+            f"got {_shapes(x, weight, bias, lora_A, lora_B)}"
+        )
     out_features, in_features = weight.shape
     if (
         x.shape[-1] != in_features
         or lora_A.shape[1] != in_features
         or lora_B.shape != (out_features, lora_A.shape[0])
-        or (bias is not None and tuple(bias.shape) != (out_features,))
+        or (bias is not None and bias.shape != (out_features,))
     ):
-        raise ValueError(f"lora_linear: incompatible shapes {shapes} (need weight [out, in], lora_A [r, in], lora_B [out, r], bias [out])")
-    tensors = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
-    if len({t.dtype for t in tensors}) != 1:
-        raise ValueError(f"lora_linear: dtypes differ: {', '.join(str(t.dtype) for t in tensors)} (outside autocast all must match)")
-    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"lora_linear: incompatible shapes {_shapes(x, weight, bias, lora_A, lora_B)} "
+            "(need weight [out, in], lora_A [r, in], lora_B [out, r], bias [out])"
+        )
+    dtype, device = x.dtype, x.device
+    # Plain comparisons, no generators: this runs at every call.
+    if weight.dtype != dtype or lora_A.dtype != dtype or lora_B.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        tensors = (x, weight, lora_A, lora_B) + (() if bias is None else (bias,))
+        raise ValueError(
+            f"lora_linear: dtypes differ: {', '.join(str(t.dtype) for t in tensors)} (outside autocast all must match)"
+        )
+    if weight.device != device or lora_A.device != device or lora_B.device != device or (bias is not None and bias.device != device):
+        tensors = (x, weight, lora_A, lora_B) + (() if bias is None else (bias,))
         raise ValueError(f"lora_linear: devices differ: {', '.join(str(t.device) for t in tensors)}")
     if not x.is_floating_point():
         raise ValueError(f"lora_linear: dtype {x.dtype} is not a floating point type")
+
+
+def _shapes(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> str:
+    return (
+        f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
+        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+    )
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -181,10 +195,27 @@ def lora_linear(
     scale = float(scale)
     if tracing():
         return _lora_linear(x, weight, bias, lora_A, lora_B, scale)[0]
+    if not needs_grad(x, weight, bias, lora_A, lora_B):
+        return _forward(x, weight, bias, lora_A, lora_B, scale)[0]
     return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scale)
 
 
 # ------------------------------------------------------------- projections sharing one input
+def _shared_input_forward(x: Tensor, scales: tuple[float, ...], layers) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    """Every layer's output, plus x as 2-D, ``x [A₁|A₂|...]ᵀ`` and the stacked ``A`` (the backward's)."""
+    x2d = _as_2d(x)
+    stacked_A = torch.cat([A for _w, _b, A, _B in layers])
+    xa = torch.mm(x2d, stacked_A.t())
+    outs, offset = [], 0
+    for (weight, bias, lora_A, lora_B), scale in zip(layers, scales):
+        out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+        rank = lora_A.shape[0]
+        out.addmm_(xa[:, offset : offset + rank], lora_B.t(), alpha=scale)
+        offset += rank
+        outs.append(out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1]))
+    return tuple(outs), x2d, xa, stacked_A
+
+
 class _EagerSharedInputLora(torch.autograd.Function):
     """Several LoRA projections of one ``x`` (self-attention's to_q/to_k/to_v) as one node.
 
@@ -196,19 +227,10 @@ class _EagerSharedInputLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scales, *params):
         layers = [params[i : i + 4] for i in range(0, len(params), 4)]  # (weight, bias, lora_A, lora_B)
-        x2d = _as_2d(x)
-        stacked_A = torch.cat([A for _w, _b, A, _B in layers])
-        xa = torch.mm(x2d, stacked_A.t())
-        outs, offset = [], 0
-        for (weight, bias, lora_A, lora_B), scale in zip(layers, scales):
-            out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
-            rank = lora_A.shape[0]
-            out.addmm_(xa[:, offset : offset + rank], lora_B.t(), alpha=scale)
-            offset += rank
-            outs.append(out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1]))
+        outs, x2d, xa, stacked_A = _shared_input_forward(x, scales, layers)
         ctx.scales, ctx.x_shape, ctx.n = scales, x.shape, len(layers)
         ctx.save_for_backward(x2d, xa, stacked_A, *[t for w, _b, A, B in layers for t in (w, A, B)])
-        return tuple(outs)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -265,5 +287,8 @@ def lora_linear_shared_input(
         _check(x, weight, bias, lora_A, lora_B)
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             raise ValueError("lora_linear_shared_input: base weights and biases must be frozen")
+    scales = tuple(float(s) for *_p, s in layers)
     params = [t for w, b, A, B, _s in layers for t in (w, b, A, B)]
-    return _EagerSharedInputLora.apply(x, tuple(float(s) for *_p, s in layers), *params)
+    if not needs_grad(x, *params):
+        return _shared_input_forward(x, scales, [p[:4] for p in layers])[0]
+    return _EagerSharedInputLora.apply(x, scales, *params)
