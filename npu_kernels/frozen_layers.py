@@ -13,7 +13,6 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 
 def _autocast_operands(x: torch.Tensor, *params: torch.Tensor | None) -> tuple:
@@ -43,16 +42,15 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.input_dtype = x.dtype
         x, weight, bias = _autocast_operands(x, weight, bias)
-        out = F.linear(x, weight, bias)
         ctx.save_for_backward(weight)
-        return out
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
         # Autocast is off in backward: compute in the dtype the forward ran in.
-        grad_x = torch.matmul(grad_out.to(weight.dtype), weight)
-        return grad_x.to(ctx.input_dtype), None, None
+        grad_x = torch.matmul(_as_dtype(grad_out, weight.dtype), weight)
+        return _as_dtype(grad_x, ctx.input_dtype), None, None
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -60,39 +58,46 @@ class _FrozenConv2d(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups):
         ctx.input_dtype = x.dtype
         x, weight, bias = _autocast_operands(x, weight, bias)
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight)
         ctx.conv = (tuple(x.shape), x.dtype, stride, padding, dilation, groups)
-        return out
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
         input_shape, dtype, stride, padding, dilation, groups = ctx.conv
-        grad_x, _, _ = torch.ops.aten.convolution_backward(
-            grad_out.to(weight.dtype), _shape_placeholder(input_shape, dtype, grad_out.device), weight, None,
-            _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups, [True, False, False],
-        )
-        return grad_x.to(ctx.input_dtype), None, None, None, None, None, None
+        grad_x = _convolution_backward(
+            _as_dtype(grad_out, weight.dtype), _shape_placeholder(input_shape, dtype, grad_out.device), weight, None,
+            stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups, _INPUT_GRAD_ONLY,
+        )[0]
+        return _as_dtype(grad_x, ctx.input_dtype), None, None, None, None, None, None
 
 
-def _frozen(module: nn.Module) -> bool:
-    """Frozen now: checked at every call, so unfreezing a layer later just works."""
-    # Attribute reads, not ``parameters()``: this runs for every layer call and must stay cheap.
-    bias = module.bias
-    return torch.is_grad_enabled() and not module.weight.requires_grad and not (bias is not None and bias.requires_grad)
+# The overload itself: calling the packet resolves it in Python at every call.
+_convolution_backward = torch.ops.aten.convolution_backward.default
+_NO_OUTPUT_PADDING = (0, 0)
+_INPUT_GRAD_ONLY = (True, False, False)
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without dispatching anything when it already is (the usual case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+# Frozen is checked at every call (attribute reads only: this runs for every layer call), so
+# unfreezing a layer later just works; an input without a gradient needs no Function either.
 def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if _frozen(self) and x.requires_grad:
-        return _FrozenLinear.apply(x, self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)
+    weight, bias = self.weight, self.bias
+    if x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled():
+        return _FrozenLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def conv2d_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if _frozen(self) and x.requires_grad:
-        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-    return self._conv_forward(x, self.weight, self.bias)
+    weight, bias = self.weight, self.bias
+    if x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled():
+        return _FrozenConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    return self._conv_forward(x, weight, bias)
 
 
 def patchable(module: nn.Module) -> bool:

@@ -58,8 +58,9 @@ def fallback_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def _same_dtypes(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    return all(p is None or p.dtype == x.dtype for p in params)
+def _same_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    dtype = x.dtype  # plain comparisons, no generator: this runs at every call
+    return weight.dtype == dtype and lora_A.dtype == dtype and lora_B.dtype == dtype and (bias is None or bias.dtype == dtype)
 
 
 def _fast_path_params(layer: nn.Module, x: torch.Tensor):

@@ -98,12 +98,10 @@ def _pre_activation(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean:
     """
     n, c = x.shape[:2]
     spatial = (1,) * (x.dim() - 2)
-    grouped = x.unflatten(1, (num_groups, c // num_groups))
-    stat = lambda t: t.view((n, num_groups, 1) + spatial)  # noqa: E731
-    param = lambda t: t.view((num_groups, c // num_groups) + spatial)  # noqa: E731
-    centred = grouped - stat(mean)
-    scale = stat(rstd) if weight is None else stat(rstd) * param(weight)
-    y = centred.mul_(scale) if bias is None else torch.addcmul(param(bias), centred, scale)
+    stat_shape, param_shape = (n, num_groups, 1, *spatial), (num_groups, c // num_groups, *spatial)
+    centred = x.view(n, num_groups, c // num_groups, *x.shape[2:]) - mean.view(stat_shape)
+    scale = rstd.view(stat_shape) if weight is None else rstd.view(stat_shape) * weight.view(param_shape)
+    y = centred.mul_(scale) if bias is None else torch.addcmul(bias.view(param_shape), centred, scale)
     return y.flatten(1, 2)
 
 

@@ -36,6 +36,7 @@ run to run. All statistics and sums are fp32 whatever the storage dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -124,13 +125,23 @@ def launch_plan(
     batch: int, channels: int, num_groups: int, spatial: int, channels_inner: bool,
     device: torch.device, forward: bool = True,
 ) -> Plan:
-    """The grid and tiles of one call (the backward always takes the split plan)."""
+    """The grid and tiles of one call (the backward always takes the split plan). Worked out once
+    per shape: a UNet calls the op with a few dozen shapes, thousands of times."""
+    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else PROGRAMS_PER_SM * _device.sm_count(device)
+    tunables = (FIT_MAX_ELEMENTS, TILE_ELEMENTS, MIN_TILE_ELEMENTS, MAX_BLOCK_C)  # in the key: tests lower them
+    return _launch_plan(batch, channels, num_groups, spatial, channels_inner, target, forward, tunables)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(
+    batch: int, channels: int, num_groups: int, spatial: int, channels_inner: bool, target: int, forward: bool,
+    _tunables: tuple[int, ...],
+) -> Plan:
     cpg = channels // num_groups
     if forward and fits_one_program(cpg, spatial):
         block_c, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(spatial)
         warps = min(32, max(4, triton.next_power_of_2(block_c * block_s // (32 * FIT_ELEMENTS_PER_THREAD))))
         return Plan(True, block_c, block_s, 1, 1, 1, warps)
-    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else PROGRAMS_PER_SM * _device.sm_count(device)
     per_group = triton.cdiv(target, max(batch * num_groups, 1))
     # Smaller tiles when the group has fewer than per_group of them (e.g. 20 x 1024 at batch 1).
     tile = TILE_ELEMENTS
