@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
                 memory_kind=memory_kind,
                 kernels=components.kernels_report,
                 backends=_backends_report(args, selections, accelerator.device.type),
-                optimizer=type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__,
+                optimizer=optim.describe(run.optimizer),
                 lora_weights=str(output_dir / checkpointing.LORA_FILE),
                 validation_images=validator.paths + final_paths,
                 loss_curve=str(loss_curve) if loss_curve else None,

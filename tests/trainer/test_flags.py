@@ -181,21 +181,22 @@ def test_scale_lr_allow_tf32_prediction_type_reach_the_run(debug_runs: dict) -> 
     assert summary["prediction_type"] == "v_prediction" and summary["allow_tf32"]
     tf32 = [w for w in run["warnings"] if "--allow_tf32" in w]
     assert tf32 == ["--allow_tf32 has no effect on cpu: TF32 (CUDA) / HF32 (Ascend NPU) only exist there."]
-    assert summary["optimizer"] == "AdamW"
+    assert summary["optimizer"] == "AdamW (fused)"  # torch's fused AdamW on the CPU
 
 
 def test_summary_counts_the_backend_each_op_was_served_by(debug_runs: dict) -> None:
-    """Counted from the dispatch decisions while training (the torch backend on this CPU), per forward call."""
+    """Counted from the dispatch decisions while training (on this CPU: the torch backend, SDPA for
+    attention), per forward call."""
     summary = debug_runs[False]["summary"]
     kernels = summary["kernels"]
     steps = summary["steps"]
     served = summary["backends"]
     assert served["geglu"] == {"torch": kernels["geglu"] * steps}
     assert served["group_norm_silu"] == {"torch": (2 * kernels["resnet_blocks"] + kernels["norm_out_pairs"]) * steps}
-    attention = sum(served.get(op, {}).get("torch", 0) for op in ("flash_attention", "cross_attention"))
+    attention = sum(served.get(op, {}).get("sdpa", 0) for op in ("flash_attention", "cross_attention"))
     assert attention == kernels["attention_processors"] * steps
     assert summary["kernels_left_alone"] == []
-    assert "backends: cross_attention=torch x" in debug_runs[False]["stdout"]
+    assert "backends: cross_attention=sdpa x" in debug_runs[False]["stdout"]
 
 
 def test_embedded_pipeline_is_said_plainly(debug_runs: dict) -> None:
@@ -252,6 +253,10 @@ def _optimizer_args(*flags: str) -> Any:
 
 def test_optimizer_classes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert optim.optimizer_class(_optimizer_args()) is torch.optim.AdamW
+    adamw = optim.build_optimizer(_optimizer_args(), [torch.nn.Parameter(torch.zeros(2))], 0.25)
+    assert adamw.param_groups[0]["fused"] and optim.describe(adamw) == "AdamW (fused)"
+    meta = optim.build_optimizer(_optimizer_args(), [torch.nn.Parameter(torch.zeros(2, device="meta"))], 0.25)
+    assert not meta.param_groups[0]["fused"] and optim.describe(meta) == "AdamW"  # no fused kernel there
 
     class NpuFusedAdamW(torch.optim.AdamW):
         pass
