@@ -155,6 +155,9 @@ run_stage tests 180 60 bash -c "rc=0; ok() { \"\$@\"; r=\$?; [ \$r = 0 ] || [ \$
   ok '$PYTHON' -m pytest -q -rs -p no:cacheprovider tests/test_compile_routing.py --junitxml='$OUT_DIR/tests_compile_routing.xml'; \
   exit \$rc"
 
+# 2b. Host time per eager call (Triton launches included), each op and swapped layer vs stock: ~30 s.
+run_stage host_time 90 30 "${BENCH[@]}" benchmarks/test_bench_host_time.py -s --benchmark-json "$OUT_DIR/host_time.json"
+
 # 3. The trainer end to end on the device: the embedded default (its first CUDA run).
 run_stage trainer_embedded 120 45 "$PYTHON" -m trainer.sdxl_lora --output_dir "$OUT_DIR/trainer_embedded" \
   --max_train_steps "$EMBEDDED_STEPS" --checkpointing_steps 1000000 --seed 42
