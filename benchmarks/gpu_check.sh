@@ -222,7 +222,7 @@ run_stage kernel_table 240 120 bash -c "'$PYTHON' -m pytest -q -p no:cacheprovid
 # ------------------------------------------------------------------------------------------- summary
 say "summary (logs and JSON in $OUT_DIR):"
 failed=0 skipped=()
-for name in env npu_kernels_report tests trainer_embedded unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
+for name in env npu_kernels_report tests host_time trainer_embedded unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
             trainer_sdxl:kernels_on trainer_sdxl:kernels_on_compile unet_step_1024 profile_512 compiled_routing kernel_table; do
   status="${RESULT[$name]:-not run}"
   say "  $(printf '%-34s' "$name") $status"
@@ -236,6 +236,11 @@ for path in sorted(out.glob("unet_step_*.json")):
         e = b["extra_info"]
         print(f"  {path.stem:<15} {e.get('precision')} {str(e.get('mode')):<8} {str(e.get('impl')):<11} step {(e.get('step_s') or 0) * 1e3:8.1f} ms"
               f"  compile {e.get('compile_s') or 0:6.1f} s  x{e.get('speedup_vs_stock_eager') or 0:.2f} vs stock eager")
+for path in sorted(out.glob("host_time.json")):
+    for b in json.loads(path.read_text()).get("benchmarks", []):
+        e = b["extra_info"]
+        if e.get("impl") != "stock" and e.get("ratio_vs_stock"):
+            print(f"  host_time       {e['layer']:<16} {e['mode']:<9} {e['host_us_per_call']:7.1f} us/call  x{e['ratio_vs_stock']:.2f} vs stock")
 for path in sorted(out.glob("trainer_*/summary.json")):
     s = json.loads(path.read_text())
     print(f"  {path.parent.name:<34} images/s {s.get('fps')}  compile_s {s.get('compile_seconds')}  mean loss {s.get('mean_train_loss')}"
