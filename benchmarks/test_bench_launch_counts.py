@@ -7,6 +7,8 @@ LoRA fp32). Per precision it reports, in ``extra_info`` and a printed table:
 * ATen ops dispatched and kernel-launching ops (views, detach, metadata excluded), stock and
   optimized, and their ratios (targets: dispatched <= 0.65x, launching <= 0.75x stock);
 * activation memory, the bytes autograd saves for the backward (target <= 0.70x stock);
+* the same for ``optimize(recompute_geglu_projection=True)`` (the feed-forward projection recomputed in
+  the backward instead of its output saved), in the third column;
 * step time (forward, backward, optimizer) with stock and optimized rounds interleaved on one model,
   so that load on the machine hits both alike.
 
@@ -83,16 +85,24 @@ def lora_step(request, bench_size, device):
     gc.collect()
 
 
+# Implementation -> optimize() options (None: stock diffusers + PEFT).
+IMPLS: dict[str, dict | None] = {
+    "stock": None,
+    "npu_kernels": {},
+    "npu_kernels_recompute": {"recompute_geglu_projection": True},
+}
+
+
 def _set_impl(unet: torch.nn.Module, impl: str) -> None:
     npu_kernels.restore(unet)
-    if impl == "npu_kernels":
-        npu_kernels.optimize(unet)
+    if IMPLS[impl] is not None:
+        npu_kernels.optimize(unet, **IMPLS[impl])
 
 
 def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
     precision, unet, forward, forward_backward, step = lora_step
     measured: dict[str, dict] = {}
-    for impl in ("stock", "npu_kernels"):
+    for impl in IMPLS:
         _set_impl(unet, impl)
         forward_backward()  # warm up: lazy initialisation must not count
         counts = count_dispatches(forward_backward)
@@ -102,30 +112,32 @@ def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
             saved_bytes=saved_bytes(forward, exclude=list(unet.parameters())),
             top_launching=counts.top(8, launching_only=True),
         )
-    stock, ours = measured["stock"], measured["npu_kernels"]
+    stock, ours, recompute = measured["stock"], measured["npu_kernels"], measured["npu_kernels_recompute"]
     ratios = {
         "dispatched_ratio": ours["dispatched"] / stock["dispatched"],
         "launching_ratio": ours["launching"] / stock["launching"],
         "saved_bytes_ratio": ours["saved_bytes"] / stock["saved_bytes"],
+        "recompute_saved_bytes_ratio": recompute["saved_bytes"] / stock["saved_bytes"],
     }
 
     # Step time: stock and optimized rounds alternate on the same model.
-    times: dict[str, list[float]] = {"stock": [], "npu_kernels": []}
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
 
     def interleaved_round() -> None:
-        for impl in ("stock", "npu_kernels"):
+        for impl in IMPLS:
             _set_impl(unet, impl)
             start = time.perf_counter()
             step()
             times[impl].append(time.perf_counter() - start)
 
     interleaved_round()  # warm up the optimizer state of both
-    times = {"stock": [], "npu_kernels": []}
+    times = {impl: [] for impl in IMPLS}
     rounds = bench_rounds or (5 if bench_size == "full" else 1)
     benchmark.group = f"launch_counts {precision} {bench_size}"
     benchmark.pedantic(interleaved_round, rounds=rounds, warmup_rounds=0)
     step_s = {impl: statistics.median(values) for impl, values in times.items()}
     ratios["step_speedup"] = step_s["stock"] / step_s["npu_kernels"]
+    ratios["recompute_step_speedup"] = step_s["stock"] / step_s["npu_kernels_recompute"]
 
     benchmark.extra_info.update(
         precision=precision,
@@ -133,19 +145,21 @@ def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
         device=device.type,
         stock=stock,
         npu_kernels=ours,
+        npu_kernels_recompute=recompute,
         step_s=step_s,
         rounds=rounds,
         targets=TARGETS,
         **ratios,
     )
     print(f"\nLoRA step, {bench_size} SDXL-structure UNet, {precision}, {device.type}")
-    print(f"{'':26}{'stock':>12}{'optimize()':>12}{'ratio':>8}{'target':>8}")
+    print(f"{'':26}{'stock':>12}{'optimize()':>12}{'ratio':>8}{'target':>8}{'+recompute':>12}{'ratio':>8}")
     for key, label in (("dispatched", "ATen ops dispatched"), ("launching", "kernel-launching ops"),
                        ("saved_bytes", "activation bytes")):
         target = TARGETS[f"{key}_ratio"]
-        print(f"{label:26}{stock[key]:>12}{ours[key]:>12}{ratios[key + '_ratio']:>8.3f}{target:>8.2f}")
+        print(f"{label:26}{stock[key]:>12}{ours[key]:>12}{ratios[key + '_ratio']:>8.3f}{target:>8.2f}"
+              f"{recompute[key]:>12}{recompute[key] / stock[key]:>8.3f}")
     print(f"{'step s (median)':26}{step_s['stock']:>12.4f}{step_s['npu_kernels']:>12.4f}"
-          f"{ratios['step_speedup']:>7.2f}x")
+          f"{ratios['step_speedup']:>7.2f}x{'':>8}{step_s['npu_kernels_recompute']:>12.4f}{ratios['recompute_step_speedup']:>7.2f}x")
     # Counts are exact: no op of ours may add launches or dispatches over the stock maths.
     assert ours["dispatched"] <= stock["dispatched"]
     assert ours["launching"] <= stock["launching"]

@@ -9,7 +9,7 @@ Quick start::
 """
 from npu_kernels.backends import BackendUnavailableError, use_backend
 from npu_kernels.diffusers_integration import FusedAttnProcessor, OptimizeReport, optimize, restore
-from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu, lora_linear
+from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu, lora_linear
 from npu_kernels.report import backend_report
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "cross_attention",
     "flash_attention",
     "geglu",
+    "geglu_projection",
     "group_norm_silu",
     "lora_linear",
     "optimize",

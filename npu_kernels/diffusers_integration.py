@@ -19,7 +19,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from npu_kernels import frozen_layers, peft_lora
-from npu_kernels.ops import cross_attention, flash_attention, geglu, group_norm_silu
+from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu
 from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
 
 _FUSED_TAG = "_npu_kernels_fused"
@@ -178,8 +178,21 @@ def _identity_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x  # the SiLU already ran inside the fused GroupNorm before it
 
 
-def _geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, approximate: str = "none", **kwargs) -> torch.Tensor:
-    return geglu(self.proj(hidden_states), approximate)
+def _geglu_forward(
+    self: GEGLU, hidden_states: torch.Tensor, *args, approximate: str = "none", recompute_projection: bool = False, **kwargs
+) -> torch.Tensor:
+    proj = self.proj
+    if recompute_projection and type(proj) is nn.Linear and not _has_hooks(proj):
+        return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
+    return geglu(proj(hidden_states), approximate)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks that calling the module's weights directly (not the module) would skip."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
+        or torch.nn.modules.module._has_any_global_hook()  # noqa: SLF001 (no public query exists)
+    )
 
 
 # ----------------------------------------------------------------------------- optimize/restore
@@ -224,7 +237,9 @@ def _is_group_norm(module: nn.Module | None) -> bool:
     return type(module) is nn.GroupNorm
 
 
-def optimize(model: nn.Module, frozen_weights: bool = True, geglu_approximate: str = "none") -> OptimizeReport:
+def optimize(
+    model: nn.Module, frozen_weights: bool = True, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
+) -> OptimizeReport:
     """Install npu_kernels' fused ops on a diffusers model, in place.
 
     * every ``Attention`` using ``AttnProcessor2_0``/``AttnProcessor`` gets :class:`FusedAttnProcessor`;
@@ -234,6 +249,10 @@ def optimize(model: nn.Module, frozen_weights: bool = True, geglu_approximate: s
     * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
       ``geglu_approximate`` (``"none"``: erf GELU, diffusers' maths; ``"tanh"`` reproduces what stock
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
+    * with ``recompute_geglu_projection`` (off by default), a ``GEGLU`` whose ``proj`` is a frozen
+      ``nn.Linear`` keeps the projection's input for the backward instead of its 8x wider output, and
+      recomputes the projection there (:func:`npu_kernels.geglu_projection`): a third less activation
+      memory in SDXL's transformer blocks for one more GEMM per feed-forward backward;
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
       they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
       every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
@@ -247,7 +266,9 @@ def optimize(model: nn.Module, frozen_weights: bool = True, geglu_approximate: s
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
-    geglu_forward = functools.partial(_geglu_forward, approximate=geglu_approximate)
+    geglu_forward = functools.partial(
+        _geglu_forward, approximate=geglu_approximate, recompute_projection=recompute_geglu_projection
+    )
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue

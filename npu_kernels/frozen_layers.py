@@ -14,20 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _autocast_operands(x: torch.Tensor, *params: torch.Tensor | None) -> tuple:
-    """The operands as autocast would hand them to the GEMM/convolution (unchanged outside autocast).
-
-    Casting here rather than inside ``F.linear`` lets the backward save the weight it actually
-    multiplied with, instead of casting the weight a second time in the backward.
-    """
-    if not torch.is_autocast_enabled(x.device.type):
-        return (x, *params)
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(
-        t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
-        for t in (x, *params)
-    )
+from npu_kernels.ops._dispatch import autocast_operands
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,7 +28,7 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.input_dtype = x.dtype
-        x, weight, bias = _autocast_operands(x, weight, bias)
+        x, weight, bias = autocast_operands(x, weight, bias)
         ctx.save_for_backward(weight)
         return F.linear(x, weight, bias)
 
@@ -57,7 +44,7 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups):
         ctx.input_dtype = x.dtype
-        x, weight, bias = _autocast_operands(x, weight, bias)
+        x, weight, bias = autocast_operands(x, weight, bias)
         ctx.save_for_backward(weight)
         ctx.conv = (tuple(x.shape), x.dtype, stride, padding, dilation, groups)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -330,6 +330,37 @@ def test_geglu_approximate_tanh():
         npu_kernels.optimize(GEGLU(8, 6), geglu_approximate="sigmoid")
 
 
+def test_recompute_geglu_projection_saves_the_narrow_input_with_the_same_gradients():
+    """A frozen FeedForward (GEGLU): same output and input gradient as optimize() without the option
+    (bitwise), and the projection's 2·inner-wide output is no longer kept for the backward."""
+    from diffusers.models.attention import FeedForward
+
+    from benchmarks.memory import saved_bytes
+
+    def run(**options):
+        torch.manual_seed(0)
+        ff = FeedForward(16, activation_fn="geglu").requires_grad_(False)
+        npu_kernels.optimize(ff, **options)
+        x = torch.randn(2, 9, 16, requires_grad=True)
+        out = ff(x)
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        return out, grad, saved_bytes(lambda: ff(x), exclude=[x, *ff.parameters()])
+
+    out, grad, saved = run()
+    out_r, grad_r, saved_r = run(recompute_geglu_projection=True)
+    assert torch.equal(out_r, out) and torch.equal(grad_r, grad)
+    inner = 4 * 16
+    assert saved == 2 * 9 * 2 * inner * 4  # the [2, 9, 2·inner] fp32 projection output...
+    assert saved_r == 0  # ...no longer kept: x (the caller's) and the resident weights are all
+    # A hook on the projection keeps the module call (and the hook firing).
+    ff = FeedForward(16, activation_fn="geglu").requires_grad_(False)
+    npu_kernels.optimize(ff, recompute_geglu_projection=True)
+    calls = []
+    ff.net[0].proj.register_forward_hook(lambda *args: calls.append(1))
+    ff(torch.randn(1, 3, 16, requires_grad=True))
+    assert calls == [1]
+
+
 def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
     """Self-attention's LoRA q/k/v run as one node (x saved once) and match stock; a hook on a
     projection keeps the per-layer calls so that the hook still fires."""

@@ -220,20 +220,29 @@ def load_lora_into_pipeline(pipeline: Any, directory: str) -> None:
         _set_state_dict_into_text_encoder(state, prefix=prefix, text_encoder=text_encoder)
 
 
-def apply_kernels(unet: torch.nn.Module, enabled: bool, geglu_approximate: str = "none") -> dict[str, Any]:
+def apply_kernels(
+    unet: torch.nn.Module, enabled: bool, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
+) -> dict[str, Any]:
     """Route the UNet through npu_kernels (``--kernels on``) and return what was swapped and left alone.
 
     Called after :func:`add_lora`: the fused attention processor calls ``attn.to_q`` etc., which PEFT has
     wrapped, so the LoRA path is part of every fused attention call. ``geglu_approximate`` (``--geglu_approximate``):
     ``"none"`` is diffusers' erf GELU; ``"tanh"`` what stock diffusers runs on NPU (``npu_geglu(approximate=1)``).
+    ``recompute_geglu_projection`` (``--recompute_geglu_projection``): keep the feed-forward projection's input
+    instead of its 8x wider output for the backward, recomputing the projection there.
     """
     if not enabled:
         return {"enabled": False}
     import npu_kernels  # imports its kernels (seconds): not before a run needs them
 
-    report = npu_kernels.optimize(unet, geglu_approximate=geglu_approximate)
+    report = npu_kernels.optimize(
+        unet, geglu_approximate=geglu_approximate, recompute_geglu_projection=recompute_geglu_projection
+    )
     logger.info(str(report))
-    return {"enabled": True, "geglu_approximate": geglu_approximate, **report.as_dict()}
+    return {
+        "enabled": True, "geglu_approximate": geglu_approximate,
+        "recompute_geglu_projection": recompute_geglu_projection, **report.as_dict(),
+    }
 
 
 def stock_backends() -> dict[str, str]:

@@ -77,7 +77,9 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
     components = models.load_components(args, accelerator.device, accelerator.mixed_precision)
     models.enable_attention_backends(components.unet, args)
     models.add_lora(components, args.rank, args.train_text_encoder)
-    components.kernels_report = models.apply_kernels(components.unet, args.kernels == "on", args.geglu_approximate)
+    components.kernels_report = models.apply_kernels(
+        components.unet, args.kernels == "on", args.geglu_approximate, args.recompute_geglu_projection
+    )
     unwrap = models.Unwrapper(accelerator)
     models.register_checkpoint_hooks(accelerator, components, args, unwrap)
     checkpointing.register_write_hook(accelerator, hooks.inside_checkpoint_write)

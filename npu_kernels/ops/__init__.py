@@ -2,8 +2,8 @@
 eager ``autograd.Function``. Which kernel runs is decided in :mod:`npu_kernels.backends`."""
 from npu_kernels.ops.cross_attention import cross_attention
 from npu_kernels.ops.flash_attention import flash_attention
-from npu_kernels.ops.geglu import geglu
+from npu_kernels.ops.geglu import geglu, geglu_projection
 from npu_kernels.ops.group_norm_silu import group_norm_silu
 from npu_kernels.ops.lora_linear import lora_linear
 
-__all__ = ["cross_attention", "flash_attention", "geglu", "group_norm_silu", "lora_linear"]
+__all__ = ["cross_attention", "flash_attention", "geglu", "geglu_projection", "group_norm_silu", "lora_linear"]

@@ -57,3 +57,18 @@ def compiled_plain_maths(op: str, *tensors: torch.Tensor | None) -> Callable | N
     if backends.compiled_choice(op, device_type, backends.select(op, *tensors)) != "decompose":
         return None
     return getattr(_plain_maths, op)
+
+
+def autocast_operands(x: torch.Tensor, *params: torch.Tensor | None) -> tuple:
+    """The operands as autocast would hand them to a GEMM/convolution (unchanged outside autocast).
+
+    Casting before the op rather than inside ``F.linear`` lets a backward save (and recompute with)
+    the operands the forward actually multiplied, instead of casting them a second time.
+    """
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *params)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
+        for t in (x, *params)
+    )

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import compiled_plain_maths, direct, kernel, needs_grad, tracing
+from npu_kernels.ops._dispatch import autocast_operands, compiled_plain_maths, direct, kernel, needs_grad, tracing
 
 Tensor = torch.Tensor
 _APPROXIMATIONS = ("none", "tanh")
@@ -85,3 +86,62 @@ def geglu(x: Tensor, approximate: str = "none") -> Tensor:
     if not needs_grad(x):
         return kernel(backend, "geglu_forward")(x, approximate)
     return _EagerGeglu.apply(x, approximate, backend)
+
+
+# ------------------------------------------------------------------- with its frozen projection
+class _EagerGegluProjection(torch.autograd.Function):
+    """``geglu(x Wᵀ + b)`` with W, b frozen, saving ``x`` instead of the projection output.
+
+    The projection output is 2·inner wide (8x the model width in diffusers' FeedForward): the
+    largest activation of a transformer block. The backward recomputes it with the same GEMM on the
+    same (autocast-cast) operands, so the values match the saving path exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, approximate: str):
+        ctx.input_dtype = x.dtype
+        x, weight, bias = autocast_operands(x, weight, bias)
+        projection = F.linear(x, weight, bias)
+        ctx.backend = backends.select("geglu", projection)
+        fused = direct(ctx.backend, "geglu")  # e.g. torch_npu's npu_geglu (grad mode is off in here)
+        out = fused(projection, approximate) if fused is not None else kernel(ctx.backend, "geglu_forward")(projection, approximate)
+        ctx.approximate = approximate
+        ctx.save_for_backward(x, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        projection = F.linear(x, weight, bias)  # the forward's GEMM again
+        grad_projection = kernel(ctx.backend, "geglu_backward")(grad_out, projection, ctx.approximate)
+        grad_x = torch.matmul(grad_projection, weight)
+        return (grad_x if grad_x.dtype == ctx.input_dtype else grad_x.to(ctx.input_dtype)), None, None, None
+
+
+def geglu_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
+    """``geglu(F.linear(x, weight, bias), approximate)`` that keeps ``x`` for the backward instead of
+    the projection output, and recomputes the projection there (one more GEMM per backward).
+
+    For diffusers' ``GEGLU`` with a frozen ``proj`` (LoRA training): its output, ``[..., 2·inner]``,
+    is the largest tensor a transformer block saves; ``x`` is 8x narrower in SDXL. Where the
+    projection is trainable, autograd records nothing, or ``torch.compile`` traces (its own memory
+    planning decides there), this is exactly ``geglu(F.linear(x, weight, bias), approximate)``.
+
+    Args:
+        x: ``[..., in]``.
+        weight: ``[2·H, in]``; bias: ``[2·H]`` or ``None``.
+        approximate: ``"none"`` (erf GELU, diffusers) or ``"tanh"``.
+
+    Returns:
+        ``[..., H]``.
+    """
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"geglu_projection: approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
+    if weight.dim() != 2 or weight.shape[0] % 2 or x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(
+            f"geglu_projection: need x [..., in] and weight [2*H, in], got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if tracing() or not frozen or not needs_grad(x):
+        return geglu(F.linear(x, weight, bias), approximate)
+    return _EagerGegluProjection.apply(x, weight, bias, approximate)

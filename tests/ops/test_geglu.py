@@ -119,3 +119,51 @@ def test_sdxl_sized_geglu_on_triton(dtype):
     x = randn(1, 4096, 2 * 2560, dtype=dtype, device="cuda")
     with npu_kernels.use_backend("triton"):
         reference.check_against_reference(npu_kernels.geglu, reference.geglu, [x], dtype, "geglu[triton] SDXL")
+
+
+# ------------------------------------------------------------------- with its frozen projection
+@pytest.mark.parametrize("shape", [(1, 1, 3), (2, 7, 5), (9, 16)], ids=str)
+@pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
+def test_geglu_projection_matches_reference(backend, dtype, shape):
+    """x -> geglu(x Wᵀ + b) with W, b frozen: forward and grad x vs float64, saving x only."""
+    dev = device(backend)
+    hidden = 6
+    weight = randn(2 * hidden, shape[-1], dtype=dtype, device=dev).detach()
+    bias = randn(2 * hidden, dtype=dtype, device=dev).detach()
+    x = randn(*shape, dtype=dtype, device=dev)
+    reference.check_against_reference(
+        lambda t: npu_kernels.geglu_projection(t, weight, bias),
+        lambda t: reference.geglu(torch.nn.functional.linear(t, weight.double(), bias.double()), "none"),
+        [x], dtype, f"geglu_projection[{backend}]",
+    )
+    out = npu_kernels.geglu_projection(x, weight, bias)
+    saved = out.grad_fn.saved_tensors
+    assert saved[0].shape == x.shape and all(t is weight or t is bias or t.shape != (*shape[:-1], 2 * hidden) for t in saved)
+
+
+def test_geglu_projection_equals_the_saving_path_exactly():
+    """Recomputing the projection gives bitwise the gradients of geglu(F.linear(...)), fp32 and bf16 autocast."""
+    weight, bias = torch.randn(2 * 24, 16), torch.randn(2 * 24)
+    x = randn(3, 11, 16, dtype=torch.float32)
+    grad = torch.randn(3, 11, 24)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours = npu_kernels.geglu_projection(x, weight, bias)
+            plain = npu_kernels.geglu(torch.nn.functional.linear(x, weight, bias))
+        (grad_ours,) = torch.autograd.grad(ours, x, grad.to(ours.dtype))
+        (grad_plain,) = torch.autograd.grad(plain, x, grad.to(plain.dtype))
+        assert ours.dtype == plain.dtype and grad_ours.dtype == x.dtype
+        torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+        torch.testing.assert_close(grad_ours, grad_plain, rtol=0, atol=0)
+
+
+def test_geglu_projection_with_a_trainable_projection_is_plain_geglu():
+    weight = torch.randn(8, 5, requires_grad=True)
+    x = randn(2, 5, dtype=torch.float32)
+    out = npu_kernels.geglu_projection(x, weight)
+    assert type(out.grad_fn).__name__ != "_EagerGegluProjectionBackward"
+    (grad_w,) = torch.autograd.grad(out.sum(), weight)
+    expected = torch.autograd.grad(npu_kernels.geglu(torch.nn.functional.linear(x, weight)).sum(), weight)[0]
+    torch.testing.assert_close(grad_w, expected)
+    with pytest.raises(ValueError, match="geglu_projection: need x"):
+        npu_kernels.geglu_projection(x, torch.randn(7, 5))

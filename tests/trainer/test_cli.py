@@ -74,6 +74,7 @@ DIFFUSERS_FLAGS: dict[str, object] = {
 OUR_FLAGS = {
     "vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None,
     "use_npu_fused_adamw": False, "max_nonfinite_steps": 5, "geglu_approximate": "none",
+    "recompute_geglu_projection": False,
 }  # fmt: skip
 
 

@@ -541,3 +541,20 @@ def test_geglu_approximate_reaches_the_fused_geglu(assets: Any, approximate: str
         got = geglu(x)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert (got - other).abs().max() > 1e-6  # the two approximations differ measurably here
+
+
+def test_recompute_geglu_projection_keeps_the_narrow_input(assets: Any) -> None:
+    """--recompute_geglu_projection: the feed-forward GEGLUs save their projection's input, not its output."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    assert parse_args([]).recompute_geglu_projection is False
+    assert parse_args(["--recompute_geglu_projection"]).recompute_geglu_projection is True
+    unet = UNet2DConditionModel.from_pretrained(str(assets.model_dir), subfolder="unet").requires_grad_(False)
+    report = models.apply_kernels(unet, True, "none", True)
+    assert report["recompute_geglu_projection"] is True and report["geglu"] > 0
+    geglu = next(m for m in unet.modules() if isinstance(m, GEGLU))
+    x = torch.randn(2, 5, geglu.proj.in_features, requires_grad=True)
+    out = geglu(x)
+    assert type(out.grad_fn).__name__ == "_EagerGegluProjectionBackward"
+    assert [tuple(t.shape) for t in out.grad_fn.saved_tensors[:1]] == [tuple(x.shape)]
