@@ -14,10 +14,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import npu_kernels
-from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, lora_training_step, unet_inputs
 
 VARIANTS = {
     "stock": None,
@@ -40,15 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     target = torch.randn_like(inputs["sample"], dtype=torch.float32)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            prediction = unet(**inputs).sample
-        F.mse_loss(prediction.float(), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    step = lora_training_step(unet, inputs, target, optimizer, args.precision == "bf16", device)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.blocks):
         for name, options in VARIANTS.items():

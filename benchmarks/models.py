@@ -3,8 +3,10 @@ materialised in place, no download) or a tiny one of the same layout for the CI 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
@@ -83,3 +85,22 @@ def unet_inputs(config: dict, latent_size: int, device: torch.device) -> dict:
             "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32, device=device),
         },
     }
+
+
+def lora_training_step(
+    model: torch.nn.Module, inputs: dict, target: torch.Tensor, optimizer: torch.optim.Optimizer, bf16: bool,
+    device: torch.device,
+) -> Callable[[], None]:
+    """One LoRA training step of ``model``: forward (bf16 autocast when asked), MSE to ``target``,
+    backward, optimizer update; waits for the GPU so that a timer around it measures the step."""
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            prediction = model(**inputs).sample
+        F.mse_loss(prediction.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step

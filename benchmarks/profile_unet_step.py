@@ -14,11 +14,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import npu_kernels
-from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, lora_training_step, unet_inputs
 
 
 def main() -> None:
@@ -43,17 +42,6 @@ def main() -> None:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-    model = unet
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            prediction = model(**inputs).sample
-        F.mse_loss(prediction.float(), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     modes = ("eager",) + (("compiled",) if args.compile_mode else ())
     for impl, mode in [(impl, mode) for impl in args.impl or ("stock", "npu_kernels") for mode in modes]:
@@ -66,6 +54,7 @@ def main() -> None:
             model = torch.compile(unet, fullgraph=True, mode=None if args.compile_mode == "default" else args.compile_mode)
         elif mode == "compiled":
             model = torch.compile(unet, fullgraph=True, backend=args.compile_backend)
+        step = lora_training_step(model, inputs, target, optimizer, args.precision == "bf16", device)
         start = time.perf_counter()
         for _ in range(3):
             step()  # warm up: allocator, optimizer state, kernel and graph compilation, CUDA-graph recording
