@@ -47,6 +47,20 @@ def _lora_layer(device: torch.device) -> nn.Module:
     return model
 
 
+def _lora_attention(device: torch.device) -> nn.Module:
+    """diffusers' self-attention (``Attention``, ``AttnProcessor2_0``) with LoRA r4 on q/k/v/out."""
+    from diffusers.models.attention_processor import Attention
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = nn.Sequential(Attention(32, heads=2, dim_head=16)).to(device).requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    return model
+
+
 def _case(layer: str, impl: str, device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
     """``(call, inputs)``: the layer's forward as stock or npu_kernels runs it."""
     ours = impl == "npu_kernels"
@@ -61,8 +75,10 @@ def _case(layer: str, impl: str, device: torch.device) -> tuple[Callable, list[t
         kv = 16 if layer == "flash_attention" else 7
         inputs = [_leaf(1, 2, 16, 8, device=device), _leaf(1, 2, kv, 8, device=device), _leaf(1, 2, kv, 8, device=device)]
         return (getattr(npu_kernels, layer) if ours else F.scaled_dot_product_attention), inputs
-    # Modules: PEFT's LoRA Linear, frozen Linear and Conv2d, patched in place by optimize().
-    if layer == "lora_linear":
+    # Modules: a LoRA self-attention, PEFT's LoRA Linear, frozen Linear and Conv2d, patched by optimize().
+    if layer == "lora_attention":
+        module, x = _lora_attention(device), _leaf(1, 16, 32, device=device)
+    elif layer == "lora_linear":
         module, x = _lora_layer(device), _leaf(1, 4, 16, device=device)
     elif layer == "frozen_linear":
         module, x = nn.Linear(16, 16).to(device).requires_grad_(False), _leaf(1, 4, 16, device=device)
@@ -73,7 +89,10 @@ def _case(layer: str, impl: str, device: torch.device) -> tuple[Callable, list[t
     return module, [x]
 
 
-LAYERS = ["geglu", "group_norm_silu", "flash_attention", "cross_attention", "lora_linear", "frozen_linear", "frozen_conv2d"]
+LAYERS = [
+    "geglu", "group_norm_silu", "flash_attention", "cross_attention",
+    "lora_attention", "lora_linear", "frozen_linear", "frozen_conv2d",
+]
 
 
 @pytest.mark.parametrize("impl", ["stock", "npu_kernels"])

@@ -130,6 +130,22 @@ class FusedAttnProcessor:
 
 
 # ----------------------------------------------------------------------------- fused forwards
+def _attention_forward(
+    self: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **cross_attention_kwargs: Any,
+) -> torch.Tensor:
+    """``Attention.forward`` minus its per-call ``inspect.signature`` of the processor (16 µs a call on
+    this CPU, 140 calls per SDXL step): with our processor and no extra keyword arguments that
+    inspection filters nothing, so the processor is called directly. Anything else: diffusers' forward.
+    """
+    if cross_attention_kwargs or not isinstance(self.processor, FusedAttnProcessor):
+        return Attention.forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask)
+
+
 def _fused_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
@@ -279,6 +295,8 @@ def optimize(
             if type(processor) in _REPLACEABLE_PROCESSORS:
                 setattr(module, _PREVIOUS_PROCESSOR, processor)
                 module.set_processor(FusedAttnProcessor())
+                if type(module).forward is Attention.forward:  # not a subclass with its own forward
+                    module.forward = MethodType(_attention_forward, module)
                 report.attention_processors += 1
             else:
                 report.skipped.append(f"{name}: attention processor {type(processor).__name__}")
@@ -320,6 +338,8 @@ def restore(model: nn.Module) -> nn.Module:
         if getattr(module, _FUSED_TAG, False):
             del module.forward
             delattr(module, _FUSED_TAG)
+        if isinstance(module, Attention) and getattr(module.__dict__.get("forward"), "__func__", None) is _attention_forward:
+            del module.forward
         if isinstance(module, Attention) and isinstance(module.get_processor(), FusedAttnProcessor):
             previous = module.__dict__.pop(_PREVIOUS_PROCESSOR, None)
             module.set_processor(previous if previous is not None else AttnProcessor2_0())

@@ -361,6 +361,35 @@ def test_recompute_geglu_projection_saves_the_narrow_input_with_the_same_gradien
     assert calls == [1]
 
 
+def test_attention_forward_skips_the_signature_inspection_and_falls_back(caplog):
+    """optimize() calls our processor straight from Attention.forward; extra kwargs, another processor
+    or restore() give diffusers' own forward back (and its warning for unexpected kwargs)."""
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=24, heads=2, dim_head=16)
+    x, text = torch.randn(1, 6, 32), torch.randn(1, 7, 24)
+    expected = attn(x, encoder_hidden_states=text)
+    npu_kernels.optimize(attn)
+    assert "forward" in attn.__dict__ and isinstance(attn.processor, npu_kernels.FusedAttnProcessor)
+    torch.testing.assert_close(attn(x, encoder_hidden_states=text), expected)
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(attn(x, encoder_hidden_states=text, not_a_kwarg=1), expected)
+    assert "not_a_kwarg" in caplog.text  # diffusers' forward ran: it warns and drops the kwarg
+    attn.set_processor(AttnProcessor2_0())  # the user swaps the processor: diffusers' path again
+    torch.testing.assert_close(attn(x, encoder_hidden_states=text), expected)
+    npu_kernels.optimize(attn)  # and optimize() takes it over again
+    assert isinstance(attn.processor, npu_kernels.FusedAttnProcessor)
+    npu_kernels.restore(attn)
+    assert "forward" not in attn.__dict__ and type(attn.processor) is AttnProcessor2_0
+
+    class OwnForward(Attention):
+        def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            return super().forward(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+    subclass = OwnForward(32, heads=2, dim_head=16)
+    npu_kernels.optimize(subclass)
+    assert "forward" not in subclass.__dict__ and isinstance(subclass.processor, npu_kernels.FusedAttnProcessor)
+
+
 def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
     """Self-attention's LoRA q/k/v run as one node (x saved once) and match stock; a hook on a
     projection keeps the per-layer calls so that the hook still fires."""
