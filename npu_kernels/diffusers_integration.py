@@ -198,17 +198,9 @@ def _geglu_forward(
     self: GEGLU, hidden_states: torch.Tensor, *args, approximate: str = "none", recompute_projection: bool = False, **kwargs
 ) -> torch.Tensor:
     proj = self.proj
-    if recompute_projection and type(proj) is nn.Linear and not _has_hooks(proj):
+    if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj):
         return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
     return geglu(proj(hidden_states), approximate)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks that calling the module's weights directly (not the module) would skip."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
-        or torch.nn.modules.module._has_any_global_hook()  # noqa: SLF001 (no public query exists)
-    )
 
 
 # ----------------------------------------------------------------------------- optimize/restore
@@ -338,9 +330,11 @@ def restore(model: nn.Module) -> nn.Module:
         if getattr(module, _FUSED_TAG, False):
             del module.forward
             delattr(module, _FUSED_TAG)
-        if isinstance(module, Attention) and getattr(module.__dict__.get("forward"), "__func__", None) is _attention_forward:
+        if not isinstance(module, Attention):
+            continue
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _attention_forward:
             del module.forward
-        if isinstance(module, Attention) and isinstance(module.get_processor(), FusedAttnProcessor):
+        if isinstance(module.get_processor(), FusedAttnProcessor):
             previous = module.__dict__.pop(_PREVIOUS_PROCESSOR, None)
             module.set_processor(previous if previous is not None else AttnProcessor2_0())
     return model

@@ -91,17 +91,25 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     return lora_linear(x, *params)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Hooks (the module's own or global ones) that using its weights directly, rather than calling
+    the module, would skip."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
+        or torch.nn.modules.module._has_any_global_hook()  # noqa: SLF001 (no public query exists)
+    )
+
+
 def _runs_plain_fast_path(module: nn.Module) -> bool:
     """Our patched forward, and no hook that calling it directly would skip."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)  # noqa: SLF001
-    return getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward and not any(hooks)
+    return getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward and not has_hooks(module)
 
 
 def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """``tuple(m(x) for m in modules)`` as one autograd node (self-attention's to_q/to_k/to_v), or
     ``None`` when that is not exactly the same: a layer not on the fused path, an unfrozen base,
     hooks, or tracing (under torch.compile each projection stays its own custom op)."""
-    if tracing() or _global_module_hooks():
+    if tracing():
         return None
     layers = []
     for module in modules:
@@ -112,7 +120,3 @@ def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) ->
             return None
         layers.append(params)
     return lora_linear_shared_input(x, layers)
-
-
-def _global_module_hooks() -> bool:
-    return bool(torch.nn.modules.module._has_any_global_hook())  # noqa: SLF001 (no public query exists)
