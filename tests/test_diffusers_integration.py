@@ -390,21 +390,26 @@ def test_attention_forward_skips_the_signature_inspection_and_falls_back(caplog)
     assert "forward" not in subclass.__dict__ and isinstance(subclass.processor, npu_kernels.FusedAttnProcessor)
 
 
-def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
-    """Self-attention's LoRA q/k/v run as one node (x saved once) and match stock; a hook on a
-    projection keeps the per-layer calls so that the hook still fires."""
-    from npu_kernels import peft_lora
-
-    torch.manual_seed(5)
-    attn = Attention(32, heads=4, dim_head=8)
-    attn.requires_grad_(False)
+def _lora_attention(seed: int, *args, **kwargs) -> Attention:
+    """A frozen diffusers Attention with LoRA r4 on q/k/v/out, lora_B drawn (as after some training)."""
     from peft import inject_adapter_in_model
 
+    torch.manual_seed(seed)
+    attn = Attention(*args, **kwargs).requires_grad_(False)
     attn = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), attn)
     with torch.no_grad():
         for name, param in attn.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.2)
+    return attn
+
+
+def test_self_attention_qkv_share_one_node_and_hooks_opt_out(monkeypatch):
+    """Self-attention's LoRA q/k/v run as one node (x saved once) and match stock; a hook on a
+    projection keeps the per-layer calls so that the hook still fires."""
+    from npu_kernels import peft_lora
+
+    attn = _lora_attention(5, 32, heads=4, dim_head=8)
     stock = copy.deepcopy(attn)
     npu_kernels.optimize(attn)
     shared = []
@@ -456,22 +461,14 @@ def test_frozen_layers_match_stock_and_dispatch_no_more(layer, autocast):
 def test_cross_attention_casts_text_states_once_under_autocast(monkeypatch):
     """Under autocast the fp32 text states are cast once for to_k and to_v (LoRA or not): same
     values as stock, fewer launches, one saved copy instead of two."""
-    from peft import inject_adapter_in_model
-
     from benchmarks.dispatch_counts import count_dispatches
     from benchmarks.memory import saved_bytes
     from npu_kernels import diffusers_integration
 
-    torch.manual_seed(6)
-    attn = Attention(32, cross_attention_dim=16, heads=4, dim_head=8)
-    attn.requires_grad_(False)
-    attn = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), attn)
-    with torch.no_grad():
-        for name, param in attn.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-            if "lora_" not in name:
-                param.data = param.data.bfloat16()  # the recipe: frozen base in bf16, LoRA in fp32
+    attn = _lora_attention(6, 32, cross_attention_dim=16, heads=4, dim_head=8)
+    for name, param in attn.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16()  # the recipe: frozen base in bf16, LoRA in fp32
     stock = copy.deepcopy(attn)
     npu_kernels.optimize(attn)
     x, text = torch.randn(2, 9, 32), torch.randn(2, 7, 16)
