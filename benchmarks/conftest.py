@@ -1,7 +1,7 @@
 """Benchmark options: ``--bench-size smoke`` (default: small shapes, tiny model, what CI runs) or
 ``--bench-size full`` (SDXL shapes and the full SDXL UNet architecture at 512 px).
 
-Full run on this machine::
+Full run::
 
     python -m pytest benchmarks --benchmark-only --bench-size full --benchmark-json bench.json
     python -m benchmarks.to_table bench.json        # the README's table

@@ -4,7 +4,7 @@ Run on a CUDA machine and print the table::
 
     python -m pytest benchmarks/test_bench_triton_gpu.py --benchmark-only --benchmark-json gpu.json && python -m benchmarks.to_table gpu.json
 
-GroupNorm+SiLU alone (issue 14's targets, checked by ``test_group_norm_silu_targets`` at the end)::
+GroupNorm+SiLU alone (its targets checked by ``test_group_norm_silu_targets`` at the end)::
 
     python -m pytest benchmarks/test_bench_triton_gpu.py --benchmark-only -k group_norm_silu -s --benchmark-json gn.json
 
@@ -18,7 +18,7 @@ implementations of the same maths:
 * ``compile`` -- ``torch.compile`` (default inductor mode) of that same eager function, compiled
   once before the timing; the backward is the one AOTAutograd compiles with it;
 * ``op``      -- GroupNorm+SiLU only: the public ``npu_kernels.group_norm_silu`` forced onto the Triton
-  backend, autograd included -- what one eager call costs a user (issue 14's per-call target).
+  backend, autograd included -- what one eager call costs a user (the per-call target).
 
 Shapes (SDXL UNet at 1024 px, and GroupNorm+SiLU at 512 px too): GroupNorm+SiLU 1x320x128x128,
 1x640x64x64, 1x1280x32x32 and 1x320x64x64, 1x640x32x32, 1x1280x16x16 (32 groups);
@@ -43,7 +43,7 @@ traffic, see ``_work``) and ``pct_of_copy_bw``, for attention ``TFLOP_per_s`` (f
 ``4*B*H*Sq*Skv*D``, fwd+bwd 3.5x that, the FlashAttention-2 convention). A step that cannot be
 captured records ``graph_error`` and its rates come from the eager median instead. Targets: GEGLU >= 85 % and GroupNorm+SiLU >= 70 % of the copy
 bandwidth (``target_pct_of_copy_bw``), attention at least as fast as SDPA (``torch``). GroupNorm+SiLU
-(issue 14), checked by ``test_group_norm_silu_targets`` once every GroupNorm+SiLU case ran: forward+backward
+targets, checked by ``test_group_norm_silu_targets`` once every GroupNorm+SiLU case ran: forward+backward
 >= 70 % of the copy bandwidth at the 1024 px shapes, less GPU time than ``compile`` for every shape,
 dtype and mode, and the ``op`` call at least as fast per eager call as ``torch``.
 
@@ -332,7 +332,7 @@ def test_kernel(benchmark, copy_bandwidth, op, shape, dtype, mode, impl):
 
 
 def _group_norm_silu_verdicts() -> list[tuple[str, bool, str]]:
-    """``(target, met, measured)`` for issue 14's GroupNorm+SiLU targets from ``RESULTS``."""
+    """``(target, met, measured)`` for the GroupNorm+SiLU targets from ``RESULTS``."""
     verdicts = []
     for shape in GN_1024PX + GN_512PX:
         for dtype in DTYPES:

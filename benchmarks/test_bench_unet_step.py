@@ -6,7 +6,8 @@ is SDXL's architecture at ``--resolution`` (512 px by default); smoke is a tiny 
 run ``torch.compile(unet, fullgraph=True, mode=--compile-mode)`` (forward and, through AOTAutograd,
 backward; the optimizer stays eager); each op's compiled form follows ``backends.compiled_choice``.
 The smoke size on a CPU compiles with ``aot_eager`` unless ``--compile-backend inductor`` is given:
-inductor's C++ compilation of even the tiny UNet takes minutes on a CI machine.
+inductor's C++ compilation of even the tiny UNet is too slow for CI (the CPU record in
+benchmarks/results/ has the compile times).
 
 ``extra_info``: ``mode`` (eager/compiled), ``compile_s`` (the first steps' wall time beyond that of
 as many steady steps: compilation, and CUDA-graph recording under reduce-overhead), ``step_s``
