@@ -305,6 +305,39 @@ def test_mixed_layouts_are_made_consistent(env):
     assert only_call(env, "npu_fusion_attention")["kwargs"]["input_layout"] == "BSND"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_and_minus_inf_float_mask_reaches_torch_npu_as_a_boolean_mask(env, dtype):
+    q, k, v = _qkv(2, 3, 5, 7, 8, dtype, "bnsd")
+    keep = _make_mask("bool_b1ss", 2, 3, 5, 7, dtype)
+    mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    reference.check_against_reference(
+        lambda q, k, v: env.npu.flash_attention(q, k, v, mask, 0.3),
+        lambda q, k, v: reference.attention(q, k, v, keep, 0.3), [q, k, v], dtype, "0/-inf mask",
+    )
+    kw = only_call(env, "npu_fusion_attention")["kwargs"]
+    assert kw["pse"] is None and torch.equal(kw["atten_mask"], ~keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_additive_masks_never_reach_torch_npu_as_pse(env, dtype):
+    """Where npu_fusion_attention adds pse (inside the scale by its formula, outside by its 2.7.1+
+    example) is a device check: such masks take the PyTorch path, gradients included."""
+    q, k, v = _qkv(2, 2, 4, 6, 8, dtype, "bnsd")
+    mask = randn(2, 1, 4, 6, dtype=dtype)
+    reference.check_against_reference(
+        lambda q, k, v, m: env.npu.flash_attention(q, k, v, m, 0.35),
+        lambda q, k, v, m: reference.attention(q, k, v, m, 0.35), [q, k, v, mask], dtype, "additive mask",
+    )
+    assert env.torch_npu.CALLS == []
+
+
+def test_float_masks_under_torch_compile_say_why(env, monkeypatch):
+    q = randn(1, 2, 3, 8, dtype=torch.float16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    reasons = env.npu.not_supported_reasons("flash_attention", q, q, q, torch.zeros(3, dtype=torch.float16))
+    assert any("only boolean masks" in r for r in reasons)
+
+
 # ------------------------------------------------- issue 25: the op each call gets, by the shipped docs
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_inference_runs_the_inference_op(env, dtype):
@@ -409,8 +442,7 @@ def test_supported_inputs_have_no_reasons(env, op, inputs):
         ("group_norm_silu", (torch.randn(0, 4, 3), None, None), "every dimension > 0"),
         ("flash_attention", _attention_inputs(torch.float64), "float64"),
         ("flash_attention", _attention_inputs(d=800), "head dim 800"),
-        ("cross_attention", _attention_inputs(mask=torch.ones(77, dtype=torch.int64)), "only boolean masks"),
-        ("cross_attention", _attention_inputs(mask=torch.zeros(77)), "pse is added"),
+        ("cross_attention", _attention_inputs(mask=torch.ones(77, dtype=torch.int64)), "only bool or additive"),
         ("flash_attention", (torch.randn(2, 8, 64),) * 3 + (None,), "4-D"),
         ("layer_norm", (torch.randn(2, 2),), "no op"),
     ],
@@ -737,12 +769,12 @@ def test_a_fully_masked_row_gives_zeros_and_zero_gradients_on_every_backend(env,
     grad_out = torch.randn(1, 2, 5, 8)
     results = {}
     for backend in ("torch", "triton", "npu"):
-        if backends.load(backend) is None or (backend == "npu" and kind != "bool"):  # npu: boolean masks only
+        if backends.load(backend) is None:
             continue
         with npu_kernels.use_backend(backend):
             out = getattr(npu_kernels, op)(q, k, v, attn_mask=mask)
             results[backend] = (out,) + torch.autograd.grad(out, (q, k, v), grad_out)
-    assert {"torch", "npu" if kind == "bool" else "torch"} <= results.keys()
+    assert {"torch", "npu"} <= results.keys()
     for backend, (out, dq, dk, dv) in results.items():
         assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv)), backend
         assert not out[0, :, 2].any() and not dq[0, :, 2].any(), backend

@@ -13,13 +13,15 @@ Which op (from the ops' blocks in torch_npu's ``_op_plugin_docs.py``, 2.5.1.post
 * **inference** (no gradient needed) -> ``npu_fused_infer_attention_score``, "该接口支持推理场景下使用.
   该接口支持图模式" (inference, graph mode). Where its documented limits exclude the call (float32,
   a per-head mask, head dim > 512, a chip it does not list) the call runs the PyTorch path
-  (``F.scaled_dot_product_attention``) instead of the training-only op.
+  (:func:`_pytorch_path`) instead of the training-only op.
 
-Masks: boolean only. torch_npu's ``atten_mask`` is True = masked out, so SDPA's (True = attend) is
-inverted. Additive float masks go to the PyTorch path: ``npu_fusion_attention``'s formula adds
-``pse`` inside the scale (``scale * (pse + q kᵀ)``) while its 2.7.1+ ``pse`` example computes
-``softmax(scale · q kᵀ + pse)``, and the inference op's formula does not place ``pse_shift``; which one
-the kernel does is a device check (docs/ascend_npu.md). A query row the mask removes entirely asks
+Masks reach torch_npu as boolean ``atten_mask`` only (True = masked out, so SDPA's True = attend is
+inverted); an additive mask made only of 0 and -inf becomes one (one host sync; under torch.compile,
+where values are unknown, float masks get a reason instead). Any other additive mask runs the
+PyTorch path, never ``pse``: ``npu_fusion_attention``'s formula adds ``pse`` inside the scale
+(``scale * (pse + q kᵀ)``) while its 2.7.1+ ``pse`` example computes ``softmax(scale · q kᵀ + pse)``,
+and the inference op's formula does not place ``pse_shift``; which one the kernel does is a device
+check (docs/ascend_npu.md). A query row the mask removes entirely asks
 for the docs' invalid-row computation (``inner_precise=2``: "避免在计算过程中存在整行mask进而导致精度有
 损失") and is then zeroed (zero gradients too), the result every backend gives: the docs do not say
 what the kernel returns for such a row.
@@ -57,6 +59,27 @@ _fp32_attention_problems: dict[str, str | None] = {}
 
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _as_boolean(attn_mask: Tensor) -> Tensor | None:
+    """SDPA's mask as a boolean one (True = attend); None for an additive mask that is not only 0
+    and -inf (or that requires grad): such a mask is not a mask torch_npu takes."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    if attn_mask.requires_grad:
+        return None
+    neg_inf = torch.isneginf(attn_mask)
+    return ~neg_inf if bool((neg_inf | (attn_mask == 0)).all()) else None  # one host sync
+
+
+def _pytorch_path(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA, with a fully masked query row's result and gradients zero (as on every backend)."""
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    dead = (~attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask.detach())).all(dim=-1, keepdim=True)
+    # A dead row attends to everything instead (finite values), then its output is zeroed.
+    live_mask = attn_mask | dead if attn_mask.dtype == torch.bool else attn_mask.masked_fill(dead, 0.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=live_mask, scale=scale).masked_fill(dead, 0.0)
 
 
 def _atten_mask_for_kernel(attend: Tensor, full: tuple[int, int, int, int]) -> Tensor:
@@ -127,10 +150,10 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     full = (batch, heads, seq_q, k.shape[2])
     scale = float(scale)
     training, graph = _needs_grad(q, k, v), torch.compiler.is_compiling()
-    if not training and _inference_problem(q, k, attn_mask) is not None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)  # the PyTorch path
-        return out if attn_mask is None else out.masked_fill(_fully_masked_rows(attn_mask), 0.0)
-    atten_mask = None if attn_mask is None else _atten_mask_for_kernel(attn_mask, full)
+    attend = None if attn_mask is None else _as_boolean(attn_mask)
+    if (attn_mask is not None and attend is None) or (not training and _inference_problem(q, k, attn_mask) is not None):
+        return _pytorch_path(q, k, v, attn_mask, scale)
+    atten_mask = None if attend is None else _atten_mask_for_kernel(attend, full)
     dead = None if atten_mask is None else atten_mask.all(dim=-1, keepdim=True)
     # One host sync, only with a mask (SDXL passes none); under torch.compile the data is unknown.
     precise = INVALID_ROW_PRECISE if dead is not None and (graph or bool(dead.any())) else 0
@@ -149,15 +172,10 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, 
     return out if dead is None else out.masked_fill(dead, 0.0)
 
 
-def _fully_masked_rows(attn_mask: Tensor) -> Tensor:
-    """``[., ., Sq, 1]`` True where an SDPA boolean mask lets a query row attend to nothing."""
-    return ~attn_mask.any(dim=-1, keepdim=True)
-
-
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
     """``softmax(q kᵀ·scale + mask) v`` for ``q [B,H,Sq,D]``, ``k/v [B,H,Skv,D]`` -> ``[B,H,Sq,D]``.
 
-    ``attn_mask`` is None or SDPA's boolean mask (True = attend), broadcastable to
+    ``attn_mask`` follows SDPA (None, boolean True = attend, or additive float), broadcastable to
     ``[B,H,Sq,Skv]``. Autograd by torch_npu (eager) or by ``npu_fusion_attention_grad_v3``
     (compiled); see the module docstring for which op runs.
     """
@@ -254,10 +272,12 @@ def not_supported_reasons(q: Tensor, k: Tensor | None, v: Tensor | None, mask: T
         # The op's docs: "输入key和value的shape必须一致" (so Dv == Dk, Skv of k == Skv of v).
         reasons.append(f"{op} needs key and value of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if mask is not None:
-        if mask.dtype != torch.bool:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            reasons.append(f"attn_mask dtype {mask.dtype}: only bool or additive float masks are supported")
+        elif mask.dtype != torch.bool and graph:
             reasons.append(
-                f"attn_mask dtype {mask.dtype}: only boolean masks go to torch_npu (where its pse is added, "
-                "inside or outside the scale, is a device check: docs/ascend_npu.md)"
+                "under torch.compile only boolean masks go to torch_npu (a float mask's values are unknown "
+                "there, and where torch_npu adds pse, inside or outside the scale, is a device check)"
             )
         if mask.dim() > 4:
             reasons.append(f"attn_mask must have at most 4 dims, got {mask.dim()}")
