@@ -1,79 +1,46 @@
 """A stand-in ``torch_npu`` for tests on machines without an Ascend NPU (and without CANN).
 
-It is NOT torch_npu: it implements, in plain PyTorch on any device, the four fused ops that
-``npu_kernels.backends.npu`` calls, with the signatures, return tuples, argument conventions and input
-checks that Ascend documents for them, so that the adapters can be checked for *how* they call
-torch_npu (layout, head_num, scale, keep_prob, mask polarity, GELU index, ...). Its maths is the
-reference maths; nothing here says anything about the speed or numerics of the real kernels.
+It is NOT torch_npu: it implements, in plain PyTorch on any device, the ops that
+``npu_kernels.backends.npu`` calls (``npu_fusion_attention`` (+grad), ``npu_fusion_attention_v3`` and
+``npu_fusion_attention_grad_v3``, ``npu_fused_infer_attention_score``, ``npu_geglu`` (+grad),
+``npu_group_norm_silu``, ``npu_group_norm_swish`` (+grad)), so that the adapters can be checked for
+*how* they call torch_npu (which op, layout, head_num, scale, keep_prob, mask polarity, GELU index,
+inner_precise, ...). Nothing here says anything about the speed or numerics of the real kernels.
 
-Every op records its call in :data:`CALLS` (positional arguments mapped to their documented
-names), so tests can assert what reached "torch_npu".
+**Signatures from the real torch_npu.** Every call is bound against the schema of the emulated
+release (:data:`RELEASE`, one of :data:`RELEASES`), read from ``torch_npu_schemas.json``, which
+``tools/torch_npu_schemas.py`` extracts from the PyPI wheels (``torch_npu/csrc/aten/*native_functions*.yaml``
+and the doc blocks of ``torch_npu/_op_plugin_docs.py``): argument names, keyword-only and required
+arguments, argument types and the number of outputs. :func:`use_release` switches the release and
+removes the ops it lacks. Every op records its call in :data:`CALLS` (all arguments by schema name).
 
-Documentation followed (retrieved as stored copies; Chinese pages of the Ascend docs):
+**Rules from the shipped docs** (each failure names the release and the op's doc block):
 
-* ``torch_npu.npu_fusion_attention`` (signature, 7-tuple return, ``atten_mask`` 1/True = masked
-  out, shapes BNSS/B1SS/11SS/SS, ``pse`` shapes BNSS/BN1Skv/1NSS, layouts BSH/SBH/BSND/BNSD/TND,
-  dtypes fp16/bf16/fp32, D 1..768, N 1..256, Dq = Dk >= Dv):
-  https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_fusion_attention.md
-  https://www.hiascend.com/document/detail/zh/Pytorch/60RC3/apiref/apilist/ptaoplist_000445.html
-  (float32 listed) and, for the older fp16/bf16-only revision,
-  https://www.hiascend.com/document/detail/zh/canncommercial/700/modeldevpt/ptmigr/ptaoplist_000139.html
-* Formula ``out = Dropout(Softmax(Mask(scale * (pse + q kᵀ), atten_mask)), keep_prob) v`` (pse is
-  added *before* the scale):
-  https://gitcode.com/cann/ops-transformer/tree/master/attention/flash_attention_score
-  (aclnnFlashAttentionScore.md)
-* ``torch_npu.npu_fusion_attention_grad`` schema (returns dq, dk, dv, dpse; takes ``scale_value``)
-  and the autograd torch_npu registers for ``npu_fusion_attention`` (q, k, v and pse differentiable,
-  grad fed softmax_max/softmax_sum/softmax_in = results 1..3 and attention_in = result 0):
-  https://gitcode.com/Ascend/op-plugin/blob/master/op_plugin/config/derivatives.yaml
-  https://gitcode.com/Ascend/op-plugin/blob/master/op_plugin/config/op_plugin_functions.yaml
-  Softmax statistics are float32 ``[B, N, Sq, 8]`` (the last dim repeats the value 8 times;
-  ``SOFTMAXMAX_LAST_DIMSHAPE = 8`` in the op-plugin adapter).
-* ``torch_npu.npu_geglu(self, dim=-1, approximate=1, activate_left=False) -> (out, out_gelu)``,
-  ``out = A * gelu(B)`` with A the first and B the second half along ``dim``; approximate 0 = erf
-  ("none"), 1 = tanh; only ``out`` is differentiable, its backward is
-  ``npu_geglu_grad(grad, self, out_gelu, dim, approximate, activate_left)``:
-  https://www.hiascend.com/document/detail/zh/canncommercial/700/modeldevpt/ptmigr/ptaoplist_000697.html
-  https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/81RC1alpha002/apiref/aolapi/context/aclnnGeGluV3.md
-* ``torch_npu.npu_group_norm_silu(input, weight, bias, group, eps=1e-5) -> (out, mean, rstd)``,
-  mean/rstd ``(N, group)`` in the input's dtype; weight/bias same dtype, not less precise than the
-  input; input 2..8-D; no backward is registered for it:
-  https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_group_norm_silu.md
-  https://hiascend.com/document/detail/zh/Pytorch/60RC3/apiref/apilist/ptaoplist_000786.html
-  The 6.0.RC3 schema has ``Tensor weight, Tensor bias`` (required); newer ones make them optional.
-  This stand-in insists on them, the stricter reading.
+* the op's chip list: its "支持的型号" section in the release's block (for
+  ``npu_fused_infer_attention_score``, which has none, the products its dtype lines name); bfloat16 on
+  Atlas A2 only (A2/A3 for the inference op). :data:`SOC_VERSION` is the emulated chip ("Ascend910B3",
+  Atlas A2; "Ascend910A"/"Ascend910ProB" Atlas training series; "Ascend910_93xx" A3; "Ascend310P3" Atlas
+  inference series);
+* ``npu_fusion_attention`` "该接口仅在训练场景下使用" (a call without a gradient fails) and, where the
+  release's block says it (2.7.1+), "该接口暂不支持图模式, 不支持aclgraph" (a call while
+  ``torch.compiler.is_compiling()`` fails: an emulated "compiled on NPU" call);
+* the input checks of each op (dtypes, shapes, layouts, mask shapes; ``npu_group_norm_silu`` input of
+  more than one dimension, weight/bias "必选输入"; ``npu_group_norm_swish`` 2..8-D and weight/bias of the
+  input's dtype; ``npu_fused_infer_attention_score`` float16/bfloat16, D <= 512, contiguous inputs);
+* inside :func:`emulated_device` (a ``TorchDispatchMode``), aclnnGroupNormBackward's dtype rule
+  (gradOut, input, mean, rstd of one dtype, CANN 8.0 operator API) on every
+  ``aten.native_group_norm_backward``, the operator an NPU runs there; CPU ATen itself accepts float32
+  statistics with a bfloat16 gradient.
 
-Device rules enforced beyond the four ops' own checks (each raises as the device would):
+**Maths in the device's working precision, not the float64 reference's way**: attention's
+probabilities are rounded to the input dtype before ``P·V``; GroupNorm normalises with the statistics
+it returns in the input's dtype; GEGLU multiplies the halves in the input's dtype. The formula used
+for ``pse`` is the documented ``scale * (pse + q kᵀ)`` (the adapters pass no ``pse``).
 
-* **Chip generation.** :data:`SOC_VERSION` names the emulated chip (``torch_npu.npu.get_device_name()``
-  returns it). Atlas training-series chips before A2 ("Ascend910A", "Ascend910ProB") have no
-  bfloat16: the aclnn pages list FLOAT16/FLOAT for "Atlas 训练系列产品" and add BFLOAT16 for "Atlas A2
-  训练系列产品" only, e.g. aclnnGroupNormBackward (CANN 8.0 operator API):
-  https://hiascend.com/document/detail/zh/canncommercial/800/apiref/aolapi/context/aclnnGroupNormBackward.md
-  and npu_group_norm_swish is documented for Atlas A2/A3 only (below). Every op here refuses
-  bfloat16 on such a chip; ``npu_group_norm_swish`` refuses to run on it at all.
-* **aclnnGroupNormBackward's dtype rule**: gradOut, input, mean and rstd share one dtype (same page:
-  input/mean/rstd "数据类型与gradOut相同"). On an NPU every ``aten.native_group_norm_backward`` runs
-  that operator; here the tensors are CPU tensors, so :func:`emulated_device` is a
-  ``TorchDispatchMode`` that applies the rule to every ``aten.native_group_norm_backward`` dispatched
-  inside it (recorded in :data:`CALLS` as ``aclnnGroupNormBackward``). CPU ATen itself accepts
-  float32 statistics with a bfloat16 gradient (its mixed-type path), which is why the rule has to be
-  emulated.
-* ``torch_npu.npu_group_norm_swish(input, num_groups, weight, bias, eps=1e-5, swish_scale=1.0) ->
-  (out, mean, rstd)``, weight/bias required and of the input's dtype, input 2..8-D, backward
-  registered (aclnnGroupNormSwishGrad; needs C / num_groups <= 4000), Atlas A2/A3 only:
-  https://gitcode.com/Ascend/op-plugin/blob/7.3.0/docs/context/torch_npu-npu_group_norm_swish.md
-  https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000866.html
-  Its backward here is ``npu_group_norm_swish_grad(grad, input, num_groups, weight, bias, mean,
-  rstd, grad_input_mask, swish_scale)`` fed the forward's mean/rstd, the shape of torch_npu's
-  derivatives.yaml entry (argument names approximated). Tests emulate a release without the op by
-  setting the adapters' ``HAS_GROUP_NORM_SWISH`` (decided once, at their import) to False.
-* npu_fusion_attention (above): key and value of one shape, ``atten_mask`` bool/uint8 in
-  BNSS/B1SS/11SS/SS, q/k/v one dtype, float32 only where :data:`SUPPORTS_FP32_ATTENTION`.
-
-Things the stand-in does not emulate raise ``NotImplementedError`` (dropout ``keep_prob < 1``,
-sparse modes other than 0, the TND/varlen layout, prefix), so an adapter that starts relying on
-them fails loudly here instead of passing by accident.
+Not emulated (``NotImplementedError``, so an adapter relying on it fails loudly): dropout
+(``keep_prob < 1``), sparse modes other than 0, the TND/varlen layout, prefix, the inference op's
+``pse_shift`` and quantisation arguments. Whether torch_npu registers autograd for ``_v3`` is not
+documented: the stand-in registers none (the adapter calls ``npu_fusion_attention_grad_v3``).
 """
 from __future__ import annotations
 
