@@ -832,3 +832,15 @@ def test_the_stand_in_refuses_a_call_its_release_schema_does_not_bind(env):
         env.torch_npu.npu_geglu(x, approximate="none")
     with pytest.raises(RuntimeError, match="weight must be Tensor"):
         env.torch_npu.npu_group_norm_swish(x, 2, 1.0, torch.zeros(4, dtype=torch.float16))
+
+
+def test_torch_compile_of_the_adapter_runs_the_graph_mode_op(env):
+    """A real torch.compile (dynamo, eager back end) of the adapter: _v3 and its grad, not the eager op."""
+    torch._dynamo.reset()
+    q, k, v = (randn(2, 3, s, 8, dtype=torch.float32) for s in (5, 7, 7))
+    compiled = torch.compile(lambda q, k, v: env.npu.flash_attention(q, k, v, None, 0.3), backend="eager")
+    reference.check_against_reference(
+        compiled, lambda q, k, v: reference.attention(q, k, v, None, 0.3), [q, k, v], torch.float32, "compiled"
+    )
+    assert [c["name"] for c in env.torch_npu.CALLS] == ["npu_fusion_attention_v3", "npu_fusion_attention_grad_v3"]
+    torch._dynamo.reset()
