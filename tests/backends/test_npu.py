@@ -8,6 +8,7 @@ say nothing about the real kernels' numerics or speed: that needs an NPU (see do
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import npu_kernels
 from npu_kernels import backends
 from npu_kernels.backends import reference as torch_path
 from tests import reference
+
+RELEASES = tuple(json.loads((Path(__file__).resolve().parents[1] / "torch_npu_standin" / "torch_npu_schemas.json").read_text(encoding="utf-8"))["releases"])
 
 STANDIN_DIR = Path(__file__).resolve().parent.parent / "torch_npu_standin"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -193,23 +196,16 @@ ATTENTION_CASES = [  # B, H, Sq, Skv, D
     (1, 2, 1, 77, 16),  # one query token, SDXL's 77 text tokens, batch 1
     (2, 1, 5, 77, 8),
 ]
-MASK_KINDS = ["none", "bool_b1ss", "bool_key", "bool_bnss", "bool_1nss", "zero_neginf", "additive", "additive_1nss"]
+MASK_KINDS = ["none", "bool_b1ss", "bool_key", "bool_bnss", "bool_1nss"]
 
 
 def _make_mask(kind: str, b: int, h: int, sq: int, skv: int, dtype) -> torch.Tensor | None:
     if kind == "none":
         return None
-    shape = {
-        "bool_b1ss": (b, 1, sq, skv), "bool_key": (skv,), "bool_bnss": (b, h, sq, skv), "bool_1nss": (1, h, sq, skv),
-        "zero_neginf": (b, 1, 1, skv), "additive": (b, 1, 1, skv), "additive_1nss": (1, h, sq, skv),
-    }[kind]
+    shape = {"bool_b1ss": (b, 1, sq, skv), "bool_key": (skv,), "bool_bnss": (b, h, sq, skv), "bool_1nss": (1, h, sq, skv)}[kind]
     keep = torch.rand(shape) > 0.4
     keep[..., 0] = True  # never a fully masked row
-    if kind.startswith("bool"):
-        return keep
-    if kind == "zero_neginf":
-        return torch.zeros(shape, dtype=dtype).masked_fill(~keep, float("-inf"))
-    return torch.randn(shape, dtype=torch.float64).mul(2).to(dtype)
+    return keep
 
 
 def _qkv(b, h, sq, skv, d, dtype, layout):
@@ -219,18 +215,13 @@ def _qkv(b, h, sq, skv, d, dtype, layout):
     return tuple(leaf(torch.randn(b, s, h, d, dtype=torch.float64).to(dtype)).transpose(1, 2) for s in (sq, skv, skv))
 
 
-def _expected_kernel_masks(kind, mask, full, scale):
-    """What torch_npu must receive: (atten_mask True = masked out, pse = additive / scale)."""
+def _expected_atten_mask(mask, full):
+    """What torch_npu must receive: atten_mask True = masked out (SDPA's boolean mask inverted)."""
     if mask is None:
-        return None, None
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.dtype == torch.bool:
-        return ~m.expand(full), None
-    if kind == "zero_neginf":
-        return torch.isneginf(m).expand(full), None
-    return None, (m.double() / scale).expand(full)
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return ~mask.expand(full)
 
 
 # Both layouts, both dtypes, every mask kind and shape, without the full cross product.
@@ -253,12 +244,8 @@ def test_attention_adapter(env, b, h, sq, skv, d, kind, dtype, layout, op="flash
     fn = getattr(env.npu, op)
     reference.check_against_reference(
         lambda q, k, v: fn(q, k, v, mask, scale),
-        lambda q, k, v: reference.attention(q, k, v, mask if mask is None or mask.dtype == torch.bool else mask.double(), scale),
-        [q, k, v],
-        dtype,
-        f"npu {op} {kind}",
-        # An additive mask reaches torch_npu as pse = mask / scale rounded to the query dtype again.
-        k=4 * reference.TOLERANCES[dtype][1] if kind.startswith("additive") and dtype != torch.float32 else None,
+        lambda q, k, v: reference.attention(q, k, v, mask, scale),
+        [q, k, v], dtype, f"npu {op} {kind}",
     )
 
     call = only_call(env, "npu_fusion_attention")
@@ -267,24 +254,16 @@ def test_attention_adapter(env, b, h, sq, skv, d, kind, dtype, layout, op="flash
     expected_layout = "BSND" if layout == "bsnd" and not q.is_contiguous() else "BNSD"
     assert kw["input_layout"] == expected_layout
     assert kw["head_num"] == h and kw["scale"] == scale and kw["keep_prob"] == 1.0
-    assert (kw["sparse_mode"], kw["padding_mask"]) == (0, None)
+    assert (kw["sparse_mode"], kw["padding_mask"], kw["pse"], kw["inner_precise"]) == (0, None, None, 0)
     assert call["shapes"]["query"] == ((b, sq, h, d) if expected_layout == "BSND" else (b, h, sq, d))
-
-    want_atten, want_pse = _expected_kernel_masks(kind, mask, full, scale)
-    if want_atten is None:
+    want = _expected_atten_mask(mask, full)
+    if want is None:
         assert kw["atten_mask"] is None
     else:  # SDPA's "True = attend" must arrive inverted: torch_npu's True = masked out
         got = kw["atten_mask"]
         assert got.dtype == torch.bool and got.is_contiguous()
         assert got.shape in {full, (b, 1, sq, skv), (1, 1, sq, skv), (sq, skv)}
-        assert torch.equal(got.expand(full), want_atten)
-    if want_pse is None:
-        assert kw["pse"] is None
-    else:  # torch_npu adds pse before scaling: pse = mask / scale, in the query dtype, BNSS or 1NSS
-        got = kw["pse"]
-        assert got.dtype == dtype and got.shape in {full, (1, h, sq, skv)}
-        tol = 1e-6 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(got.expand(full).double(), want_pse, rtol=tol, atol=tol)
+        assert torch.equal(got.expand(full), want)
 
     grad = only_call(env, "npu_fusion_attention_grad")["kwargs"]  # torch_npu's registered backward ran
     assert grad["scale_value"] == scale and grad["input_layout"] == expected_layout and grad["head_num"] == h
@@ -292,8 +271,8 @@ def test_attention_adapter(env, b, h, sq, skv, d, kind, dtype, layout, op="flash
 
 
 def test_bool_mask_polarity_reaches_torch_npu_inverted(env):
-    q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 4, 8)
-    v = torch.arange(4.0).reshape(1, 1, 4, 1).expand(1, 1, 4, 8).contiguous()
+    q, k = randn(1, 1, 3, 8, dtype=torch.float32), randn(1, 1, 4, 8, dtype=torch.float32)
+    v = leaf(torch.arange(4.0).reshape(1, 1, 4, 1).expand(1, 1, 4, 8).contiguous())
     keep = torch.tensor([False, False, True, False])  # attend to key 2 only
     out = env.npu.flash_attention(q, k, v, keep, 0.5)
     torch.testing.assert_close(out, torch.full((1, 1, 3, 8), 2.0))
@@ -302,11 +281,13 @@ def test_bool_mask_polarity_reaches_torch_npu_inverted(env):
     assert torch.equal(sent[0, 0, 0], torch.tensor([True, True, False, True]))
 
 
-def test_bsnd_views_are_read_in_place(env):
-    base = [torch.randn(2, s, 3, 8) for s in (5, 77, 77)]
+@pytest.mark.parametrize("training", [True, False])
+def test_bsnd_views_are_read_in_place(env, training):
+    base = [leaf(torch.randn(2, s, 3, 8, dtype=torch.float16)).requires_grad_(training) for s in (5, 77, 77)]
     q, k, v = (t.transpose(1, 2) for t in base)
     out = env.npu.cross_attention(q, k, v, None, 0.3)
-    sent = only_call(env, "npu_fusion_attention")["kwargs"]
+    op = "npu_fusion_attention" if training else "npu_fused_infer_attention_score"
+    sent = only_call(env, op)["kwargs"]
     assert sent["input_layout"] == "BSND"
     for name, t in zip(("query", "key", "value"), base):
         assert sent[name].data_ptr() == t.data_ptr(), f"{name} was copied"
@@ -324,33 +305,111 @@ def test_mixed_layouts_are_made_consistent(env):
     assert only_call(env, "npu_fusion_attention")["kwargs"]["input_layout"] == "BSND"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_additive_mask_that_requires_grad_gets_its_gradient_through_pse(env, dtype):
-    q, k, v = (randn(2, 2, s, 8, dtype=dtype) for s in (4, 6, 6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_and_minus_inf_float_mask_reaches_torch_npu_as_a_boolean_mask(env, dtype):
+    q, k, v = _qkv(2, 3, 5, 7, 8, dtype, "bnsd")
+    keep = _make_mask("bool_b1ss", 2, 3, 5, 7, dtype)
+    mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    reference.check_against_reference(
+        lambda q, k, v: env.npu.flash_attention(q, k, v, mask, 0.3),
+        lambda q, k, v: reference.attention(q, k, v, keep, 0.3), [q, k, v], dtype, "0/-inf mask",
+    )
+    kw = only_call(env, "npu_fusion_attention")["kwargs"]
+    assert kw["pse"] is None and torch.equal(kw["atten_mask"], ~keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_additive_masks_never_reach_torch_npu_as_pse(env, dtype):
+    """Where npu_fusion_attention adds pse (inside the scale by its formula, outside by its 2.7.1+
+    example) is a device check: such masks take the PyTorch path, gradients included."""
+    q, k, v = _qkv(2, 2, 4, 6, 8, dtype, "bnsd")
     mask = randn(2, 1, 4, 6, dtype=dtype)
     reference.check_against_reference(
         lambda q, k, v, m: env.npu.flash_attention(q, k, v, m, 0.35),
-        lambda q, k, v, m: reference.attention(q, k, v, m, 0.35),
-        [q, k, v, mask], dtype, "mask grad",
+        lambda q, k, v, m: reference.attention(q, k, v, m, 0.35), [q, k, v, mask], dtype, "additive mask",
     )
-    assert only_call(env, "npu_fusion_attention")["kwargs"]["pse"] is not None
+    assert env.torch_npu.CALLS == []
 
 
-def test_all_zero_float_mask_becomes_an_empty_boolean_mask(env):
-    q = torch.randn(1, 2, 3, 8)
-    env.npu.flash_attention(q, q, q, torch.zeros(1, 1, 3, 3), 0.3)
-    kw = only_call(env, "npu_fusion_attention")["kwargs"]
-    assert kw["pse"] is None and not kw["atten_mask"].any()
+def test_float_masks_under_torch_compile_say_why(env, monkeypatch):
+    q = randn(1, 2, 3, 8, dtype=torch.float16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    reasons = env.npu.not_supported_reasons("flash_attention", q, q, q, torch.zeros(3, dtype=torch.float16))
+    assert any("only boolean masks" in r for r in reasons)
 
 
-def test_large_additive_values_survive_the_division_by_scale_in_half_precision(env):
-    # diffusers' padding masks use -10000; -10000 / 0.125 overflows float16, so pse is clamped.
-    q, k, v = (torch.randn(1, 1, s, 8, dtype=torch.float16) for s in (2, 4, 4))
-    mask = torch.tensor([0.0, -10000.0, 0.0, -10000.0], dtype=torch.float16)
-    out = env.npu.flash_attention(q, k, v, mask, 0.125)
-    assert torch.isfinite(only_call(env, "npu_fusion_attention")["kwargs"]["pse"]).all()
-    expected = reference.attention(q.double(), k.double(), v.double(), mask.double(), 0.125)
-    reference.assert_close(out, expected, torch.float16, "fp16 -10000 mask")
+# ------------------------------------------------- issue 25: the op each call gets, by the shipped docs
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_inference_runs_the_inference_op(env, dtype):
+    """npu_fusion_attention: "该接口仅在训练场景下使用" (training only); no-grad calls go to
+    npu_fused_infer_attention_score ("该接口支持推理场景下使用")."""
+    q, k, v = (torch.randn(2, 3, s, 16, dtype=dtype) for s in (5, 9, 9))
+    mask = _make_mask("bool_b1ss", 2, 3, 5, 9, dtype)
+    with torch.no_grad():
+        out = env.npu.flash_attention(q, k, v, mask, 0.25)
+    reference.assert_close(out, reference.attention(q.double(), k.double(), v.double(), mask, 0.25), dtype, "inference")
+    assert [c["name"] for c in env.torch_npu.CALLS] == ["npu_fused_infer_attention_score"]
+    kw = env.torch_npu.CALLS[0]["kwargs"]
+    assert (kw["num_heads"], kw["scale"], kw["input_layout"], kw["pse_shift"]) == (3, 0.25, "BNSD", None)
+    assert torch.equal(kw["atten_mask"], ~mask)
+
+
+def test_float32_inference_takes_the_pytorch_path(env):
+    q, k, v = (torch.randn(1, 2, s, 8) for s in (3, 4, 4))
+    with torch.no_grad():
+        out = env.npu.flash_attention(q, k, v, None, 0.3)
+    reference.assert_close(out, reference.attention(q.double(), k.double(), v.double(), None, 0.3), torch.float32, "fp32")
+    assert env.torch_npu.CALLS == []
+
+
+def test_the_stand_in_refuses_the_training_op_for_inference(env):
+    q = torch.randn(1, 1, 2, 8, dtype=torch.float16)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="仅在训练场景下使用.*2.14.0.*npu_fusion_attention block"):
+        env.torch_npu.npu_fusion_attention(q, q, q, 1, "BNSD")
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """An emulated "compiled on NPU" call: ``torch.compiler.is_compiling()`` is True."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def test_the_stand_in_refuses_npu_fusion_attention_in_graph_mode(env, compiling):
+    q = leaf(torch.randn(1, 1, 2, 8, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="暂不支持图模式.*npu_fusion_attention block"):
+        env.torch_npu.npu_fusion_attention(q, q, q, 1, "BNSD")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_training_runs_the_graph_mode_op(env, compiling, dtype):
+    """Under torch.compile: npu_fusion_attention_v3, "npu_fusion_attention支持图模式的版本" (BNSD for
+    aclgraph), its backward npu_fusion_attention_grad_v3 called by the adapter."""
+    q, k, v = _qkv(2, 3, 5, 7, 8, dtype, "bsnd")
+    mask = _make_mask("bool_b1ss", 2, 3, 5, 7, dtype)
+    reference.check_against_reference(
+        lambda q, k, v: env.npu.flash_attention(q, k, v, mask, 0.3),
+        lambda q, k, v: reference.attention(q, k, v, mask, 0.3),
+        [q, k, v], dtype, "compiled",
+    )
+    assert [c["name"] for c in env.torch_npu.CALLS] == ["npu_fusion_attention_v3", "npu_fusion_attention_grad_v3"]
+    assert env.torch_npu.CALLS[0]["kwargs"]["input_layout"] == "BNSD"
+
+
+def test_compiled_attention_on_a_release_without_the_graph_mode_op_says_why(env, compiling):
+    q = randn(1, 2, 3, 8, dtype=torch.float16)
+    with env.torch_npu.use_release("2.6.0.post5"):
+        assert any("npu_fusion_attention_v3" in r for r in env.npu.not_supported_reasons("flash_attention", q, q, q, None))
+    assert env.npu.not_supported_reasons("flash_attention", q, q, q, None) == []
+
+
+def test_a_fully_masked_row_asks_for_the_invalid_row_computation(env):
+    """inner_precise=2: "使能无效行计算, 避免在计算过程中存在整行mask进而导致精度有损失"."""
+    q, k, v = (randn(1, 2, s, 8, dtype=torch.float16) for s in (3, 4, 4))
+    keep = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    env.npu.flash_attention(q, k, v, keep, 0.3)
+    keep[0, 0, 1] = False
+    env.npu.flash_attention(q, k, v, keep, 0.3)
+    assert [c["kwargs"]["inner_precise"] for c in env.torch_npu.calls("npu_fusion_attention")] == [0, 2]
 
 
 # ---------------------------------------------------------------------------- not_supported_reasons
@@ -379,11 +438,10 @@ def test_supported_inputs_have_no_reasons(env, op, inputs):
         ("geglu", (torch.randn(2, 8, dtype=torch.float64),), "float64"),
         ("geglu", (torch.randn(2, 7),), "even last dimension"),
         ("group_norm_silu", (torch.randn(1, 4, 2, dtype=torch.float64), None, None), "float64"),
-        ("group_norm_silu", (torch.randn(8), None, None), "2..8-D"),
-        ("group_norm_silu", (torch.randn(1, 2, 1, 1, 1, 1, 1, 1, 1), None, None), "2..8-D"),
+        ("group_norm_silu", (torch.randn(8), None, None), "more than one dimension"),
         ("group_norm_silu", (torch.randn(0, 4, 3), None, None), "every dimension > 0"),
         ("flash_attention", _attention_inputs(torch.float64), "float64"),
-        ("flash_attention", _attention_inputs(d=600), "head dim 600"),
+        ("flash_attention", _attention_inputs(d=800), "head dim 800"),
         ("cross_attention", _attention_inputs(mask=torch.ones(77, dtype=torch.int64)), "only bool or additive"),
         ("flash_attention", (torch.randn(2, 8, 64),) * 3 + (None,), "4-D"),
         ("layer_norm", (torch.randn(2, 2),), "no op"),
@@ -518,14 +576,6 @@ def test_group_norm_swish_adapter_passes_input_dtype_affine(env, monkeypatch):
     assert grad_w.dtype == torch.float32
 
 
-def test_group_norm_swish_limit_on_group_size_uses_the_other_operator(env, monkeypatch):
-    """npu_group_norm_swish documents C / num_groups <= 4000 when a gradient is needed."""
-    monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)
-    x = randn(1, 4002, 1, dtype=torch.float16)
-    env.npu.group_norm_silu(x, 1, None, None, 1e-5).sum().backward()
-    assert not env.torch_npu.calls("npu_group_norm_swish") and env.torch_npu.calls("npu_group_norm_silu")
-
-
 def test_public_group_norm_silu_backward_uses_the_saved_npu_statistics(env, monkeypatch):
     """Perturb the mean/rstd the stand-in returns (its output stays right): the gradient must be
     the one computed from the perturbed statistics, i.e. the backward used what the NPU forward
@@ -657,24 +707,47 @@ def older_chip(env, monkeypatch):
 
 def test_bfloat16_is_refused_with_a_reason_on_a_chip_before_a2(env, older_chip):
     x = torch.randn(2, 8, 4, dtype=torch.bfloat16)
-    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
-    for op, tensors in (("geglu", (x,)), ("group_norm_silu", (x, None, None)), ("flash_attention", (q, q, q, None))):
+    reasons = env.npu.not_supported_reasons("geglu", x)
+    assert any("Ascend910A" in r and "bfloat16" in r for r in reasons), reasons
+    with npu_kernels.use_backend("npu"), pytest.raises(npu_kernels.BackendUnavailableError, match="Ascend910A"):
+        npu_kernels.geglu(x)
+    with pytest.raises(RuntimeError, match="bfloat16 is not documented for Ascend910A.*npu_geglu block"):
+        env.torch_npu.npu_geglu(x, dim=-1, approximate=0)  # the stand-in raises as the device
+
+
+@pytest.mark.parametrize("chip", ["Ascend910A", "Ascend910ProB", "Ascend910_9391"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_ops_documented_for_a2_only_are_not_used_on_other_training_chips(env, monkeypatch, chip, dtype):
+    """npu_fusion_attention: "支持的型号 Atlas A2 训练系列产品"; npu_group_norm_silu: Atlas A2 and the
+    Atlas inference series, not the Atlas training series (910A/910ProB) nor A3 (2.5.1..2.14.0)."""
+    monkeypatch.setattr(env.torch_npu, "SOC_VERSION", chip)
+    env.npu.reset_capability_cache()
+    x, q = torch.randn(2, 8, 4, dtype=dtype), torch.randn(1, 2, 4, 8, dtype=dtype)
+    for op, tensors, torch_npu_op in (
+        ("group_norm_silu", (x, None, None), "npu_group_norm_silu"),
+        ("flash_attention", (q, q, q, None), "npu_fusion_attention"),
+    ):
         reasons = env.npu.not_supported_reasons(op, *tensors)
-        assert any("Ascend910A" in r and "bfloat16" in r for r in reasons), (op, reasons)
-        with npu_kernels.use_backend("npu"), pytest.raises(npu_kernels.BackendUnavailableError, match="Ascend910A"):
-            npu_kernels.ops.group_norm_silu(x, 2) if op == "group_norm_silu" else (
-                npu_kernels.geglu(x) if op == "geglu" else npu_kernels.flash_attention(q, q, q))
-    with pytest.raises(RuntimeError, match="not supported on Ascend910A"):  # the stand-in raises as the device
-        env.torch_npu.npu_geglu(x, dim=-1, approximate=0)
+        assert any(chip in r and torch_npu_op in r for r in reasons), (op, reasons)
+        with npu_kernels.use_backend("auto"):  # falls back (to the PyTorch path or SDPA)
+            assert backends.select(op, *tensors) != "npu"
+    with pytest.raises(RuntimeError, match=f"not documented for {chip}.*npu_fusion_attention block"):
+        env.torch_npu.npu_fusion_attention(leaf(q), q, q, 2, "BNSD")
+    with pytest.raises(RuntimeError, match=f"not documented for {chip}.*npu_group_norm_silu block"):
+        env.torch_npu.npu_group_norm_silu(x, torch.ones(8, dtype=dtype), torch.zeros(8, dtype=dtype), 2)
+    env.npu.reset_capability_cache()
 
 
-def test_float16_on_a_chip_before_a2_uses_npu_group_norm_silu(env, older_chip, monkeypatch):
+def test_the_atlas_inference_series_runs_npu_group_norm_silu_not_swish(env, monkeypatch):
+    monkeypatch.setattr(env.torch_npu, "SOC_VERSION", "Ascend310P3")
     monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)  # present in torch_npu, not on this chip
-    x = leaf(randn(2, 8, 4, dtype=torch.float16).detach())
+    env.npu.reset_capability_cache()
+    x = randn(2, 8, 4, dtype=torch.float16)
     assert env.npu.not_supported_reasons("group_norm_silu", x, None, None) == []
     with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device():
         npu_kernels.group_norm_silu(x, 2).sum().backward()
     assert env.torch_npu.calls("npu_group_norm_silu") and not env.torch_npu.calls("npu_group_norm_swish")
+    env.npu.reset_capability_cache()
 
 
 # ----------------------------------------------------------------- attention: shared semantics
@@ -720,3 +793,54 @@ def test_head_dims_npu_fusion_attention_refuses_fall_back_under_auto(env, monkey
     assert any("key and value of one shape" in r for r in env.npu.not_supported_reasons("flash_attention", q, k, v_narrow, None))
     out = npu_kernels.flash_attention(q, k, v_narrow)
     assert out.shape == (1, 2, 4, 8) and not env.torch_npu.calls("npu_fusion_attention")
+
+
+# ------------------------------------------- issue 21 item 5: every adapter call binds every release
+@pytest.mark.parametrize("release", RELEASES)
+def test_every_adapter_call_binds_the_schema_of_every_supported_release(env, monkeypatch, release):
+    """The stand-in binds each call against the release's schema from the wheel
+    (tests/torch_npu_standin/torch_npu_schemas.json): names, keyword-only and required arguments,
+    argument types, number of outputs. Every torch_npu call the adapters make is made here."""
+    with env.torch_npu.use_release(release):
+        x = randn(2, 8, 4, dtype=torch.float16)
+        env.npu.geglu(x, "none").sum().backward()
+        for has_swish in (True, False):
+            monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", has_swish)
+            env.npu.group_norm_silu(leaf(x), 2, randn(8, dtype=torch.float16), randn(8, dtype=torch.float16), 1e-5).sum().backward()
+        for layout in ("bnsd", "bsnd"):
+            q, k, v = _qkv(2, 3, 5, 7, 8, torch.float16, layout)
+            env.npu.flash_attention(q, k, v, _make_mask("bool_b1ss", 2, 3, 5, 7, None), 0.3).sum().backward()
+            with torch.no_grad():
+                env.npu.flash_attention(q, k, v, _make_mask("bool_b1ss", 2, 3, 5, 7, None), 0.3)
+        with monkeypatch.context() as compiled:
+            compiled.setattr(torch.compiler, "is_compiling", lambda: True)
+            has_v3 = "npu_fusion_attention_v3" in env.torch_npu.SCHEMAS["releases"][release]["schemas"]
+            assert (env.npu.not_supported_reasons("flash_attention", q, k, v, None) == []) == has_v3
+            if has_v3:
+                env.npu.flash_attention(q, k, v, None, 0.3).sum().backward()
+    called = {c["name"] for c in env.torch_npu.CALLS}
+    expected = {"npu_geglu", "npu_geglu_grad", "npu_group_norm_swish", "npu_group_norm_swish_grad", "npu_group_norm_silu",
+                "npu_fusion_attention", "npu_fusion_attention_grad", "npu_fused_infer_attention_score"}
+    assert called >= expected | ({"npu_fusion_attention_v3", "npu_fusion_attention_grad_v3"} if has_v3 else set())
+
+
+def test_the_stand_in_refuses_a_call_its_release_schema_does_not_bind(env):
+    x = torch.randn(2, 4, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="does not bind to the torch_npu 2.14.0 schema"):
+        env.torch_npu.npu_geglu(x, -1, 0, False, "extra")
+    with pytest.raises(RuntimeError, match="approximate must be int"):
+        env.torch_npu.npu_geglu(x, approximate="none")
+    with pytest.raises(RuntimeError, match="weight must be Tensor"):
+        env.torch_npu.npu_group_norm_swish(x, 2, 1.0, torch.zeros(4, dtype=torch.float16))
+
+
+def test_torch_compile_of_the_adapter_runs_the_graph_mode_op(env):
+    """A real torch.compile (dynamo, eager back end) of the adapter: _v3 and its grad, not the eager op."""
+    torch._dynamo.reset()
+    q, k, v = (randn(2, 3, s, 8, dtype=torch.float32) for s in (5, 7, 7))
+    compiled = torch.compile(lambda q, k, v: env.npu.flash_attention(q, k, v, None, 0.3), backend="eager")
+    reference.check_against_reference(
+        compiled, lambda q, k, v: reference.attention(q, k, v, None, 0.3), [q, k, v], torch.float32, "compiled"
+    )
+    assert [c["name"] for c in env.torch_npu.CALLS] == ["npu_fusion_attention_v3", "npu_fusion_attention_grad_v3"]
+    torch._dynamo.reset()

@@ -4,7 +4,8 @@
 * ``triton`` -- our Triton kernels: on a CUDA GPU when there is one, else on CPU tensors in Triton's
   interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), which has no bfloat16;
 * ``npu``    -- the NPU adapters over the stand-in ``torch_npu`` (``tests/torch_npu_standin``), on
-  CPU tensors: it checks the adapters and the dispatch, not the real kernels' numerics.
+  CPU tensors, inside its emulated device rules (``conftest.backend``): it checks the adapters, the
+  dispatch and the documented rules, not the real kernels' numerics.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import npu_kernels
+from tests import reference
 from tests.ops._backends import cases, device, randn
 
 
@@ -41,7 +42,12 @@ def test_unrecorded_calls_give_the_recorded_result(backend, dtype, op):
     for result in (no_grad, frozen, inference):
         assert result.grad_fn is None
         assert result.shape == recorded.shape and result.dtype == recorded.dtype
-        torch.testing.assert_close(result, recorded.detach(), rtol=0, atol=0)
+        if backend == "npu" and op.endswith("attention"):
+            # torch_npu's docs name another op for inference (npu_fused_infer_attention_score; the
+            # PyTorch path where it cannot serve): the same maths, not the same rounding.
+            reference.assert_close(result, recorded.detach(), dtype, f"npu {op} without autograd")
+        else:
+            torch.testing.assert_close(result, recorded.detach(), rtol=0, atol=0)
 
 
 def test_only_a_parameter_needing_grad_still_records():

@@ -1,4 +1,11 @@
-"""GEGLU on Ascend: ``torch_npu.npu_geglu`` (autograd registered by torch_npu)."""
+"""GEGLU on Ascend: ``torch_npu.npu_geglu`` (autograd registered by torch_npu).
+
+Which half ``npu_geglu`` passes through GELU is not stated in its shipped docs (2.5.1..2.14.0): the
+block says "对输入Tensor完成GeGlu运算" and its example is not self-consistent (printed values only).
+Every schema 2.5.1..2.14.0 has ``bool activate_left=False``; the adapter passes ``activate_left=False``
+explicitly and assumes it means GELU on the *right* (second) half, ``out = A * gelu(B)``: diffusers'
+GEGLU layout. docs/ascend_npu.md names the one device check that settles it.
+"""
 from __future__ import annotations
 
 import torch
@@ -18,7 +25,7 @@ def geglu(x: Tensor, approximate: str) -> Tensor:
         index = GELU_APPROXIMATE[approximate]
     except KeyError:
         raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}") from None
-    return torch_npu.npu_geglu(x, dim=-1, approximate=index)[0]
+    return torch_npu.npu_geglu(x, dim=-1, approximate=index, activate_left=False)[0]
 
 
 def not_supported_reasons(x: Tensor) -> list[str]:

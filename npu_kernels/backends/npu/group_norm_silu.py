@@ -3,9 +3,9 @@
 Two torch_npu operators can serve it; which one is decided once, when this module is imported:
 
 * ``torch_npu.npu_group_norm_swish(input, num_groups, weight, bias, eps=1e-5, swish_scale=1.0)
-  -> (out, mean, rstd)`` (Atlas A2/A3), whose backward torch_npu registers itself
-  (aclnnGroupNormSwishGrad). :func:`group_norm_silu` calls it with ``swish_scale=1.0`` (SiLU);
-  its weight and bias are required and must have the input's dtype.
+  -> (out, mean, rstd)`` (documented for Atlas A2 only, input 2..8-D), whose backward torch_npu
+  registers itself (aclnnGroupNormSwishGrad). :func:`group_norm_silu` calls it with
+  ``swish_scale=1.0`` (SiLU); its weight and bias are required and must have the input's dtype.
 * otherwise ``torch_npu.npu_group_norm_silu(input, weight, bias, group, eps=1e-5) -> (out, mean,
   rstd)``, which has no registered backward: :func:`group_norm_silu` wraps it in an autograd
   Function whose backward is the PyTorch path's maths, run from the returned mean/rstd **in the
@@ -23,9 +23,9 @@ from npu_kernels.backends.npu._common import chip_reasons, dtype_reasons
 
 Tensor = torch.Tensor
 
-GROUP_NORM_MAX_DIMS = 8
-#: npu_group_norm_swish documents "C / num_groups <= 4000 when a gradient is needed".
-SWISH_MAX_GROUP_CHANNELS = 4000
+#: npu_group_norm_swish: "input只支持2-8维" (2..8-D). npu_group_norm_silu: "维度需大于一维" (more than
+#: one dimension, no upper limit), in every release 2.5.1..2.14.0.
+SWISH_MAX_DIMS = 8
 
 #: Whether the installed torch_npu has ``npu_group_norm_swish`` (checked once, at import).
 HAS_GROUP_NORM_SWISH: bool = hasattr(torch_npu, "npu_group_norm_swish")
@@ -36,8 +36,9 @@ def _at_least_as_precise(param_dtype: torch.dtype, x_dtype: torch.dtype) -> bool
 
 
 def _affine_for_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weight and bias as npu_group_norm_silu takes them: both present (ones/zeros when absent,
-    as older schemas require them), of one dtype, and not less precise than ``x``."""
+    """Weight and bias as npu_group_norm_silu takes them: both present (ones/zeros when absent:
+    every schema 2.5.1..2.14.0 has ``Tensor? weight, Tensor? bias``, but the docs call them
+    "必选输入", required), of one dtype, and not less precise than ``x``."""
     given = [t.dtype for t in (weight, bias) if t is not None]
     dtype = x.dtype
     if given:
@@ -101,11 +102,8 @@ class _GroupNormSilu(torch.autograd.Function):
         return grad_x, None, grad_weight, grad_bias, None
 
 
-def _swish_serves(x: Tensor, num_groups: int) -> bool:
-    if not HAS_GROUP_NORM_SWISH or chip_reasons("npu_group_norm_swish", x, a2_only=True):
-        return False
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return not needs_grad or x.shape[1] // num_groups <= SWISH_MAX_GROUP_CHANNELS
+def _swish_serves(x: Tensor) -> bool:
+    return HAS_GROUP_NORM_SWISH and x.dim() <= SWISH_MAX_DIMS and not chip_reasons("npu_group_norm_swish", x)
 
 
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -114,7 +112,7 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     ``npu_group_norm_swish`` (torch_npu's backward) where the installed torch_npu has it and the
     chip supports it, else ``npu_group_norm_silu`` with our backward (see the module docstring).
     """
-    if _swish_serves(x, num_groups):
+    if _swish_serves(x):
         weight, bias = _affine_for_swish(x, weight, bias)
         return torch_npu.npu_group_norm_swish(x, num_groups, weight, bias, eps=eps, swish_scale=1.0)[0]
     return _GroupNormSilu.apply(x, num_groups, weight, bias, eps)
@@ -123,9 +121,9 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
 def not_supported_reasons(x: Tensor, *affine: Tensor | None) -> list[str]:
     params = [t for t in affine if t is not None]
     reasons = dtype_reasons("group_norm_silu input", [x]) + dtype_reasons("group_norm_silu weight/bias", params)
-    reasons += chip_reasons("group_norm_silu", x)
-    if not 2 <= x.dim() <= GROUP_NORM_MAX_DIMS:
-        reasons.append(f"npu_group_norm_silu takes 2..{GROUP_NORM_MAX_DIMS}-D input, got {x.dim()}-D")
+    reasons += chip_reasons("npu_group_norm_silu", x)
+    if x.dim() < 2:
+        reasons.append(f"npu_group_norm_silu takes input of more than one dimension, got {x.dim()}-D")
     elif any(size == 0 for size in x.shape):
         reasons.append(f"npu_group_norm_silu needs every dimension > 0, got shape {tuple(x.shape)}")
     return reasons
