@@ -33,12 +33,13 @@ import contextlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, compiling, data
+from trainer import caching, checkpointing, compiling, data, flag_rules, ownership
 from trainer.args import EMBEDDED
 from trainer.errors import InputError, one_line
 
@@ -65,19 +66,32 @@ VAE_CLASSES = ("AutoencoderKL",)  # what models.load_components loads --vae_name
 MAX_ROWS_LISTED = 5
 
 
-def run(args: argparse.Namespace) -> None:
-    """Every preflight check, in the order a user would fix them: flags, model, dataset."""
+@dataclass
+class Checked:
+    """What preflight found and the run uses: the loaded dataset (None for the embedded one, generated
+    later), what identifies this run (``checkpointing.run_identity``) and the checkpoint to resume from."""
+
+    dataset: Any
+    identity: dict[str, Any]
+    resume_from: Path | None
+
+
+def run(args: argparse.Namespace) -> Checked:
+    """Every preflight check, in the order a user would fix them: flags, model, dataset, then the
+    checkpoint to resume from (damaged ones and those of another run configuration are refused)."""
     check_flags(args)
     check_model(args)
-    check_dataset(args)
+    dataset = check_dataset(args)
+    identity = checkpointing.run_identity(args)
+    resume_from = checkpointing.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, identity)
+    return Checked(dataset=dataset, identity=identity, resume_from=resume_from)
 
 
 # ----------------------------------------------------------------------------- flags
 def check_flags(args: argparse.Namespace) -> None:
     check_model_given(args)
     check_resolution(args.resolution)
-    if getattr(args, "max_nonfinite_steps", 1) < 1:
-        raise InputError(f"--max_nonfinite_steps {args.max_nonfinite_steps}: expected at least 1")
+    flag_rules.check(args)  # every numeric and choice flag in range
     if args.report_to == "wandb" and args.hub_token is not None:
         raise InputError(
             "--report_to wandb with --hub_token would expose your token: use `huggingface-cli login` instead of --hub_token"
@@ -88,13 +102,12 @@ def check_flags(args: argparse.Namespace) -> None:
     check_mixed_precision(requested, source, device_type, bf16_supported)
     check_optional_features(args, device_type)
     compiling.check_flags(args, device_type)
-    if getattr(args, "logging_steps", 1) < 1:
-        raise InputError(f"--logging_steps {args.logging_steps}: expected at least 1")
     caching.check_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
         check_output_dir(args.logging_dir, "--logging_dir")
     check_resume(args.resume_from_checkpoint, args.output_dir)
+    ownership.check_output_dir(args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
 
 
 def check_model_given(args: argparse.Namespace) -> None:
@@ -303,10 +316,8 @@ def _has_weights(folder: Path) -> bool:
 
 # ----------------------------------------------------------------------------- dataset
 def check_dataset(args: argparse.Namespace) -> Any:
-    """Load the dataset as training will and check it; returns it (None for the embedded dataset).
-
-    Loading twice costs little: ``datasets`` caches the Arrow conversion, so the training load reuses it.
-    """
+    """Load the dataset as training will and check it; returns it (None for the embedded dataset), and the
+    run trains on that object (``trainer.data.build_train_dataset(..., loaded=...)``): loaded once."""
     if getattr(args, "embedded_dataset", False):
         check_columns(EMBEDDED_DATASET_COLUMNS, args, "the embedded dataset")
         return None

@@ -220,7 +220,7 @@ CASES = [
          r"^dataset \S+/ds: column 'text' \(--image_column\) holds string, expected images$"),
     Case("no_rows", lambda tmp, a, mp: ["--dataset_name", str(shapes_dataset(tmp / "zero", captions=[]))], r"^dataset \S+/zero has no rows$"),
     Case("max_train_samples_zero", lambda tmp, a, mp: [*_dataset("ds")(tmp, a, mp), "--max_train_samples", "0"],
-         r"^--max_train_samples 0 leaves no rows to train on$"),
+         r"^--max_train_samples 0: expected at least 1 \(0 leaves no rows to train on\)$"),
     # captions
     Case("caption_none", _dataset("ds", captions=["a red square", None, "a red circle"]),
          r"^dataset \S+/ds: caption column 'text' is missing \(None\) in 1 of 3 rows: 1; give every row a caption"),
