@@ -42,7 +42,7 @@ class NumberRule:
         if ok and self.below is not None:
             ok = value < self.below
         if not ok:
-            raise InputError(f"--{self.flag} {value}: expected {self.allowed()}")
+            raise InputError(f"--{self.flag} {_number(value)}: expected {self.allowed()}")
 
 
 NUMBER_RULES: tuple[NumberRule, ...] = (
@@ -113,4 +113,5 @@ def _installed(module: str) -> bool:
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    """1.0 as ``1``, as a user types it; nan and inf as themselves."""
+    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else str(value)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, compiling, data, flag_rules, ownership
+from trainer import atomic, caching, checkpointing, compiling, data, flag_rules, ownership
 from trainer.args import EMBEDDED
 from trainer.errors import InputError, one_line
 
@@ -117,7 +117,7 @@ def check_model_given(args: argparse.Namespace) -> None:
     naming the missing flag. (A real model without a dataset is refused by :func:`check_dataset`, after
     the model folder itself was checked.)
     """
-    for flag in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir"):
+    for flag in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir", "output_dir", "logging_dir"):
         if getattr(args, flag, None) == "":
             raise InputError(f"--{flag} is empty: give a path or hub id (or leave the flag out)")
     if args.pretrained_model_name_or_path is None and not getattr(args, "embedded_model", False):
@@ -244,6 +244,7 @@ def looks_local(name: str) -> bool:
 
 def check_model(args: argparse.Namespace) -> None:
     vae = args.pretrained_vae_model_name_or_path
+    check_hub_ids_offline(args)
     if not getattr(args, "embedded_model", False) and args.pretrained_model_name_or_path and looks_local(args.pretrained_model_name_or_path):
         # Validation builds the whole pipeline, which needs model_index.json; training alone does not.
         need_index = bool(getattr(args, "all_validation_prompts", None)) and args.num_validation_images > 0
@@ -272,6 +273,8 @@ def check_model_dir(path: str, need_vae: bool = True, need_model_index: bool = F
             _read_config(folder / required_file, flag)
         if sub in WEIGHTED_SUBFOLDERS and not _has_weights(folder):
             raise InputError(f"{flag} {path}: {sub}/ has no weights (*.safetensors or *.bin)")
+        if sub in WEIGHTED_SUBFOLDERS:
+            check_weight_files(folder, flag)
     if need_model_index and not (root / "model_index.json").is_file():
         raise InputError(f"{flag} {path} has no model_index.json, which validation needs to build the pipeline")
 
@@ -291,6 +294,7 @@ def check_vae_dir(path: str) -> None:
         raise InputError(f"{flag} {path} is not a VAE: its config.json has _class_name {class_name!r}, expected 'AutoencoderKL'")
     if not _has_weights(root):
         raise InputError(f"{flag} {path} has no weights (*.safetensors or *.bin)")
+    check_weight_files(root, flag)
 
 
 def _require_directory(root: Path, flag: str, shown: str) -> None:
@@ -308,6 +312,34 @@ def _read_config(path: Path, flag: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputError(f"{flag}: {path} is not a JSON object")
     return config
+
+
+def check_weight_files(folder: Path, flag: str) -> None:
+    """Each ``*.safetensors`` file is whole (header and data sizes agree): a truncated download is found
+    here, in one line, rather than by ``from_pretrained`` after the other models have loaded."""
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = atomic.file_damage(file)
+        if problem:
+            raise InputError(f"{flag}: {file} cannot be loaded ({problem}); download it again")
+
+
+def check_hub_ids_offline(args: argparse.Namespace) -> None:
+    """With ``HF_HUB_OFFLINE`` set, a hub id must already be in the cache: said before anything loads."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+        return
+    from huggingface_hub import snapshot_download
+
+    names = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path), ("--vae_name", args.pretrained_vae_model_name_or_path)]
+    for flag, name in names:
+        if not name or name == EMBEDDED or looks_local(name) or (flag != "--vae_name" and getattr(args, "embedded_model", False)):
+            continue
+        try:
+            snapshot_download(name, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - huggingface_hub's "not in the cache" errors vary by release
+            raise InputError(
+                f"{flag} {name} is a hub id, HF_HUB_OFFLINE is set and it is not in the cache: download it first"
+                " (or unset HF_HUB_OFFLINE) or pass a local folder"
+            ) from None
 
 
 def _has_weights(folder: Path) -> bool:
@@ -385,7 +417,7 @@ def load_dataset_or_explain(args: argparse.Namespace, source: str) -> Any:
         if "corresponds to no data" in str(error):  # datasets' words for a split with zero rows
             raise InputError(f"dataset {source} has no rows") from None
         raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
-    except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as error:
+    except (DatasetNotFoundError, EmptyDatasetError, OSError) as error:  # OSError: missing files, offline hub
         raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
 
 
