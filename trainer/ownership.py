@@ -29,6 +29,7 @@ from trainer.errors import InputError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".trainer.lock"
+ACQUIRE_ATTEMPTS = 20  # 50 ms apart: a second of patience for a concurrent look, none for a running run
 SUMMARY_FILE = "summary.json"
 RESULT_FILES = (checkpointing.LORA_FILE, SUMMARY_FILE)
 
@@ -102,7 +103,9 @@ def running_owner(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     with contextlib.suppress(OSError), open(path, "r+", encoding="utf-8") as handle:
         owner = _read_owner(handle)
-        if not _try_flock(handle):
+        # Shared: the processes of one launch run preflight at the same time, and their looks must not
+        # collide with each other (only with a holder's exclusive lock).
+        if not _try_flock(handle, shared=True):
             return owner or {"host": "?", "pid": "?", "started": "?"}
         _unlock(handle)
         return owner if _alive_elsewhere(owner) else None
@@ -120,7 +123,7 @@ class OutputDirLock:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         handle = open(self.output_dir / LOCK_FILE, "a+", encoding="utf-8")
         owner = _read_owner(handle)
-        if not _try_flock(handle) or _alive_elsewhere(owner):
+        if not _try_flock(handle, attempts=ACQUIRE_ATTEMPTS) or _alive_elsewhere(owner):
             handle.close()
             raise InputError(_in_use(self.output_dir, owner or {"host": "?", "pid": "?", "started": "?"}))
         handle.seek(0)
@@ -156,16 +159,21 @@ def owned(output_dir: str | os.PathLike, is_main_process: bool) -> Iterator[None
             lock.release()
 
 
-def _try_flock(handle: IO[str]) -> bool:
+def _try_flock(handle: IO[str], shared: bool = False, attempts: int = 1) -> bool:
+    """Take the ``flock`` without waiting, trying ``attempts`` times (a look of :func:`running_owner` holds
+    it for a moment)."""
     try:
         import fcntl
     except ImportError:  # Windows: the owner file alone
         return True
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if attempt + 1 < attempts:
+                time.sleep(0.05)
+    return False
 
 
 def _unlock(handle: IO[str]) -> None:

@@ -275,6 +275,7 @@ def check_model_dir(path: str, need_vae: bool = True, need_model_index: bool = F
             raise InputError(f"{flag} {path}: {sub}/ has no weights (*.safetensors or *.bin)")
         if sub in WEIGHTED_SUBFOLDERS:
             check_weight_files(folder, flag)
+            check_config_matches_weights(folder, flag)
     if need_model_index and not (root / "model_index.json").is_file():
         raise InputError(f"{flag} {path} has no model_index.json, which validation needs to build the pipeline")
 
@@ -321,6 +322,65 @@ def check_weight_files(folder: Path, flag: str) -> None:
         problem = atomic.file_damage(file)
         if problem:
             raise InputError(f"{flag}: {file} cannot be loaded ({problem}); download it again")
+
+
+def check_config_matches_weights(folder: Path, flag: str) -> None:
+    """The model ``config.json`` describes has the shapes its ``*.safetensors`` files hold.
+
+    Builds the model on the meta device (no memory, no weights read) and compares each tensor shape with
+    the safetensors headers: a config from another model (or a hand-edited one) is found here, in one
+    line, instead of as pages of "size mismatch" after the other models loaded. ``.bin`` weights are not
+    checked (reading their shapes means unpickling them).
+    """
+    held = _safetensors_shapes(folder)
+    if not held:
+        return
+    expected = _meta_model_shapes(folder)
+    if expected is None:
+        return
+    for key, shape in held.items():
+        if key in expected and expected[key] != shape:
+            raise InputError(
+                f"{flag}: {folder}/config.json does not match its weights ({key}: the config builds {expected[key]},"
+                f" the file holds {shape})"
+            )
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    import struct
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        shapes.update({key: list(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
+    return shapes
+
+
+def _meta_model_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Parameter shapes of the model ``folder/config.json`` names (diffusers or transformers class), built
+    without memory; None when the class is not one of theirs."""
+    from accelerate import init_empty_weights
+
+    config = _read_config(folder / "config.json", "--pretrained_model_name_or_path")
+    with init_empty_weights():
+        if "_class_name" in config:
+            import diffusers
+
+            model_class = getattr(diffusers, str(config["_class_name"]), None)
+            if model_class is None:
+                return None
+            model = model_class.from_config(model_class.load_config(str(folder)))
+        else:
+            import transformers
+
+            names = config.get("architectures") or []
+            model_class = getattr(transformers, str(names[0]), None) if names else None
+            if model_class is None:
+                return None
+            model = model_class(transformers.AutoConfig.from_pretrained(str(folder)))
+    return {key: list(value.shape) for key, value in model.state_dict().items()}
 
 
 def check_hub_ids_offline(args: argparse.Namespace) -> None:

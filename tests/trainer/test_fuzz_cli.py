@@ -118,6 +118,22 @@ def _truncated_unet(tmp: Path, done: Path, assets: Any) -> list[str]:
     return [*RUN, "--pretrained_model_name_or_path", str(model), "--dataset_name", "embedded", "--output_dir", str(tmp / "out")]
 
 
+def _unet_config_of_another_model(tmp: Path, done: Path, assets: Any) -> list[str]:
+    model = tmp / "model"
+    model.mkdir()
+    for part in assets.model_dir.iterdir():
+        if part.name != "unet":
+            (model / part.name).symlink_to(part)
+    (model / "unet").mkdir()
+    for part in (assets.model_dir / "unet").iterdir():
+        if part.name != "config.json":
+            (model / "unet" / part.name).symlink_to(part)
+    config = json.loads((assets.model_dir / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = int(config["cross_attention_dim"]) * 2  # another text encoder's width
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    return [*RUN, "--pretrained_model_name_or_path", str(model), "--dataset_name", "embedded", "--output_dir", str(tmp / "out")]
+
+
 def _dataset(tmp: Path, done: Path, assets: Any, *flags: str) -> list[str]:
     return [*RUN, "--pretrained_model_name_or_path", "embedded", "--dataset_name", str(shapes_dataset(tmp / "ds")),
             *flags, "--output_dir", str(tmp / "out")]  # fmt: skip
@@ -154,6 +170,7 @@ CASES: list[Case] = [
     Case("model", "missing_folder", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", str(t / "nope"), "--dataset_name", "embedded"],
          r"--pretrained_model_name_or_path \S+nope: no such directory"),
     Case("model", "truncated_weights", _truncated_unet, r"unet/\S+\.safetensors cannot be loaded \(.*truncated"),
+    Case("model", "config_does_not_match_weights", _unet_config_of_another_model, r"unet/config.json does not match its weights \(\S+: the config builds \["),
     Case("model", "hub_id_offline", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", "someone/not-cached-sdxl", "--dataset_name", "embedded",
          "--output_dir", str(t / "out")], r"--pretrained_model_name_or_path someone/not-cached-sdxl is a hub id, HF_HUB_OFFLINE",
          env=(("HF_HUB_OFFLINE", "1"),)),
@@ -215,27 +232,27 @@ def test_images_per_second_counts_the_images_of_partial_batches(finished: Path) 
     assert math.isclose(result["fps"], result["images_measured"] / result["seconds_measured"], rel_tol=1e-12)
 
 
-def test_a_second_run_on_a_running_folder_stops_at_once(tmp_path: Path, cache: Path) -> None:
-    out = tmp_path / "out"
-    first = BackgroundRun([*TINY, "--output_dir", str(out)], cache, tmp_path / "logs", faults=["--pause_at_step", "2"])
+def test_a_second_run_on_a_running_folder_stops_and_ctrl_c_before_training_is_one_line(tmp_path: Path, cache: Path) -> None:
+    """Two processes started together (their start-up is most of the time): one holds its folder, paused in
+    step 2, while a second run on that folder is refused; the other gets Ctrl-C while its models load."""
+    held, early = tmp_path / "held", tmp_path / "early"
+    first = BackgroundRun([*TINY, "--output_dir", str(held)], cache, tmp_path / "logs_held", faults=["--pause_at_step", "2"])
+    loading = BackgroundRun([*TINY, "--output_dir", str(early)], cache, tmp_path / "logs_early")
     try:
+        deadline = time.monotonic() + 180
+        while "Distributed environment" not in loading.stderr() and time.monotonic() < deadline and loading.process.poll() is None:
+            time.sleep(0.05)  # the accelerator exists: the models are about to load
+        loading.send(signal.SIGINT)
+        assert_one_line(loading.wait(), loading.stderr(), 130, r"^error: interrupted by Ctrl-C \(SIGINT\)")
+        assert not (early / LORA_FILE).exists() and not checkpointing.list_checkpoints(early)
+
         first.wait_for_hook()
-        status, stderr = run_cli([*TINY, "--output_dir", str(out)])
+        status, stderr = run_cli([*TINY, "--output_dir", str(held)])
         assert_one_line(status, stderr, 2, rf"is in use by another run \({socket.gethostname()} pid {first.process.pid},")
     finally:
         first.kill()
-
-
-def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path: Path, cache: Path) -> None:
-    out = tmp_path / "out"
-    run = BackgroundRun([*TINY, "--output_dir", str(out)], cache, tmp_path / "logs")
-    deadline = time.monotonic() + 180
-    while "Distributed environment" not in run.stderr() and time.monotonic() < deadline and run.process.poll() is None:
-        time.sleep(0.05)  # the accelerator exists: the models are about to load
-    run.send(signal.SIGINT)
-    status = run.wait()
-    assert_one_line(status, run.stderr(), 130, r"^error: interrupted by Ctrl-C \(SIGINT\)")
-    assert not (out / LORA_FILE).exists() and not checkpointing.list_checkpoints(out)
+        if loading.process.poll() is None:
+            loading.kill()
 
 
 def test_latest_falls_back_past_a_damaged_checkpoint(tmp_path: Path, finished: Path, caplog: pytest.LogCaptureFixture) -> None:
