@@ -202,20 +202,9 @@ def batch_images(batch: dict[str, Any]) -> int:
     return 0
 
 
-def train_loop(
-    accelerator: Any,
-    config: LoopConfig,
-    step_ctx: StepContext,
-    trainable_modules: Sequence[torch.nn.Module],
-    optimizer: Any,
-    lr_scheduler: Any,
-    dataloader: Any,
-    params_to_clip: list[torch.nn.Parameter],
-    progress_bar: Any,
-    callbacks: LoopCallbacks | None = None,
-    hooks: TrainingHooks | None = None,
-) -> TrainingHistory:
-    """Run epochs ``first_epoch..num_train_epochs`` until ``max_train_steps`` optimizer steps.
+def train_loop(*args: Any, **kwargs: Any) -> TrainingHistory:
+    """``TrainLoop(*args, **kwargs).run()``: run epochs ``first_epoch..num_train_epochs`` until
+    ``max_train_steps`` optimizer steps (the arguments: :class:`TrainLoop`'s).
 
     Returns one :class:`StepRecord` per optimizer step. Called on every process: checkpoints every
     ``checkpointing_steps`` and when stopping early; a stop request (``callbacks.stop_requested()``) is
@@ -232,15 +221,12 @@ def train_loop(
     ``history.skipped_steps``. Between reads the host queues steps without waiting for the device (on
     several processes the stop-request agreement, a collective, also waits for reading steps).
     """
-    run = _Loop(
-        accelerator, config, step_ctx, trainable_modules, optimizer, lr_scheduler, params_to_clip, progress_bar,
-        callbacks or LoopCallbacks(), hooks or TrainingHooks(),
-    )  # fmt: skip
-    return run.run(dataloader)
+    return TrainLoop(*args, **kwargs).run()
 
 
-class _Loop:
-    """The state of one :func:`train_loop` call; each method is one named part of an optimizer step."""
+class TrainLoop:
+    """The state of one run of the training loop (:func:`train_loop`); each method is one named part of
+    an optimizer step: :meth:`_micro_step`, :meth:`_finish_step`, :meth:`_maybe_checkpoint`, :meth:`_maybe_stop`."""
 
     def __init__(
         self,
@@ -250,11 +236,14 @@ class _Loop:
         trainable_modules: Sequence[torch.nn.Module],
         optimizer: Any,
         lr_scheduler: Any,
+        dataloader: Any,
         params_to_clip: list[torch.nn.Parameter],
         progress_bar: Any,
-        callbacks: LoopCallbacks,
-        hooks: TrainingHooks,
+        callbacks: LoopCallbacks | None = None,
+        hooks: TrainingHooks | None = None,
     ) -> None:
+        callbacks, hooks = callbacks or LoopCallbacks(), hooks or TrainingHooks()
+        self.dataloader = dataloader
         self.accelerator, self.config, self.step_ctx = accelerator, config, step_ctx
         self.trainable_modules, self.optimizer, self.lr_scheduler = trainable_modules, optimizer, lr_scheduler
         self.params_to_clip, self.progress_bar, self.callbacks, self.hooks = params_to_clip, progress_bar, callbacks, hooks
@@ -270,11 +259,11 @@ class _Loop:
         self._start_step()
 
     # ------------------------------------------------------------------ epochs
-    def run(self, dataloader: Any) -> TrainingHistory:
+    def run(self) -> TrainingHistory:
         for epoch in range(self.config.first_epoch, self.config.num_train_epochs):
             for module in self.trainable_modules:
                 module.train()
-            for batch, waited in _timed(self._epoch_batches(dataloader, epoch)):
+            for batch, waited in _timed(self._epoch_batches(self.dataloader, epoch)):
                 self.data_time += waited
                 if self._micro_step(batch, epoch):
                     self._finish_step()

@@ -106,29 +106,32 @@ def _into_finished(*flags: str) -> Callable[[Path, Path, Any], list[str]]:
     return lambda tmp, done, assets: [*RUN, *flags, "--output_dir", str(done)]
 
 
-def _truncated_unet(tmp: Path, done: Path, assets: Any) -> list[str]:
+def _model_with_own_unet(tmp: Path, assets: Any, linked: Callable[[str], bool]) -> Path:
+    """The embedded pipeline as symlinks, but for a ``unet/`` folder whose files are linked where
+    ``linked(name)`` and copied otherwise (the case then edits its copies)."""
     model = tmp / "model"
-    model.mkdir()
+    (model / "unet").mkdir(parents=True)
     for part in assets.model_dir.iterdir():
         if part.name != "unet":
             (model / part.name).symlink_to(part)
-    shutil.copytree(assets.model_dir / "unet", model / "unet")
+    for part in (assets.model_dir / "unet").iterdir():
+        if linked(part.name):
+            (model / "unet" / part.name).symlink_to(part)
+        else:
+            shutil.copy(part, model / "unet" / part.name)
+    return model
+
+
+def _truncated_unet(tmp: Path, done: Path, assets: Any) -> list[str]:
+    model = _model_with_own_unet(tmp, assets, lambda name: False)
     weights = next((model / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
     return [*RUN, "--pretrained_model_name_or_path", str(model), "--dataset_name", "embedded", "--output_dir", str(tmp / "out")]
 
 
 def _unet_config_of_another_model(tmp: Path, done: Path, assets: Any) -> list[str]:
-    model = tmp / "model"
-    model.mkdir()
-    for part in assets.model_dir.iterdir():
-        if part.name != "unet":
-            (model / part.name).symlink_to(part)
-    (model / "unet").mkdir()
-    for part in (assets.model_dir / "unet").iterdir():
-        if part.name != "config.json":
-            (model / "unet" / part.name).symlink_to(part)
-    config = json.loads((assets.model_dir / "unet" / "config.json").read_text())
+    model = _model_with_own_unet(tmp, assets, lambda name: name != "config.json")
+    config = json.loads((model / "unet" / "config.json").read_text())
     config["cross_attention_dim"] = int(config["cross_attention_dim"]) * 2  # another text encoder's width
     (model / "unet" / "config.json").write_text(json.dumps(config))
     return [*RUN, "--pretrained_model_name_or_path", str(model), "--dataset_name", "embedded", "--output_dir", str(tmp / "out")]
