@@ -191,7 +191,7 @@ def _train(
     )
 
     # ------------------------------------------------------------------ train
-    # From here on SIGINT/SIGTERM finish the current step, save a checkpoint and the LoRA, and exit 0.
+    # From here on SIGINT/SIGTERM finish the current step, save a checkpoint and the LoRA, and exit 130/143.
     # The handlers stay until the LoRA file is written.
     optional = OptionalSteps()
     stop = GracefulStop().install()

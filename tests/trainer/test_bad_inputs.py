@@ -26,6 +26,7 @@ from PIL import Image
 
 from trainer import data, preflight
 from trainer.errors import EXIT_INPUT_ERROR, InputError
+from trainer.ownership import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well under a second
@@ -291,8 +292,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     assert "Traceback" not in stderr
     assert re.search(case.message, errors[0].removeprefix("error: ")), errors[0]
     if case.at_runtime:
-        # Found mid-run: the output directory may have been created, but holds no file.
-        assert not [p for p in out.rglob("*") if p.is_file()]
+        # Found mid-run: the output directory may have been created, but holds no file (the run's lock,
+        # released and empty, aside: trainer.ownership).
+        assert not [p for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE]
     else:
         assert files_under(tmp_path) == before, "preflight wrote something"
         assert seconds < PREFLIGHT_SECONDS, f"{case.name}: preflight took {seconds:.1f} s"

@@ -11,6 +11,7 @@ is in docs/training.md ("Bad inputs").
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -209,7 +210,7 @@ CASES: list[Case] = [
     # environment
     Case("environment", "accelerate_fp16_on_cpu", _flags(), r"ACCELERATE_MIXED_PRECISION=fp16 .*fp16 needs a GPU or NPU", env=(("ACCELERATE_MIXED_PRECISION", "fp16"),)),
 ]  # fmt: skip
-if shutil.which("wandb") is None:
+if importlib.util.find_spec("wandb") is None:
     CASES.append(Case("numeric flags", "tracker_not_installed", _flags("--report_to", "wandb"), r"--report_to wandb: the wandb library is not installed"))
 
 
