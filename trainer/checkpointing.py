@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer import atomic
-from trainer.errors import InputError
+from trainer.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,13 @@ def checkpoint_global_step(checkpoint: Path) -> int:
 def load(accelerator: Any, checkpoint: Path, updates_per_epoch: int, current: TrainerState) -> ResumePoint:
     """``accelerator.load_state`` and the position in the data to continue from."""
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, ValueError, KeyError, OSError) as error:  # e.g. "size mismatch": another --rank
+        raise InputError(
+            f"Checkpoint {checkpoint} does not fit this run ({one_line(error)[:300]}): resume with the flags it was"
+            " written with, or start afresh with --overwrite_output_dir"
+        ) from None
     global_step = checkpoint_global_step(checkpoint)
     saved = TrainerState.read(checkpoint)
     if saved is not None:

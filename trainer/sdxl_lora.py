@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from trainer import (
+    atomic,
     caching,
     checkpointing,
     compiling,
@@ -500,7 +501,10 @@ def _data_seed(args: argparse.Namespace, accelerator: Any, resume_from: Path | N
 def _save_lora_weights(output_dir: Path, run: PreparedRun, unwrap: models.Unwrapper, with_text_encoders: bool) -> None:
     """``pytorch_lora_weights.safetensors`` as diffusers writes it, replacing any previous file atomically."""
     text_encoders = [unwrap(m) for m in run.text_encoders] if with_text_encoders else [None, None]
-    replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders))
+    try:
+        replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders))
+    except OSError as error:  # e.g. a full disk: the temporary copy is gone, a previous LoRA file untouched
+        raise atomic.write_failed(error, checkpointing.LORA_FILE, output_dir) from None
 
 
 def _gather_skipped_images(skipped: data.SkippedImages) -> list[str]:

@@ -319,3 +319,19 @@ def test_failing_optional_step_keeps_the_results_and_exits_3(
     assert summary(out)["last_step"] == 1 and checkpointing.list_checkpoints(out) == []
     upscaled = [r for r in caplog.records if "are upscaled to it" in r.getMessage()]
     assert len(upscaled) == 1 and "--resolution 128" in upscaled[0].getMessage()
+
+
+def test_a_checkpoint_of_another_rank_without_its_run_record_is_one_line(tmp_path: Path, finished: Path) -> None:
+    """A checkpoint that predates run records (or comes from diffusers' script) cannot be told apart in
+    advance: its load fails with pages of "size mismatch", reported as one line."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    for checkpoint in checkpointing.list_checkpoints(out):
+        state_file = out / checkpoint / checkpointing.STATE_FILE
+        state = json.loads(state_file.read_text())
+        del state["run"]
+        state_file.write_text(json.dumps(state))
+    before = file_digests(out)
+    status, stderr = run_cli([*RUN, "--resume_from_checkpoint", "latest", "--rank", "4", "--output_dir", str(out)])
+    assert_one_line(status, stderr, 2, r"^error: Checkpoint \S+checkpoint-4 does not fit this run \(.*size mismatch")
+    assert file_digests(out) == before
