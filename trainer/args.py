@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='The integration to report the results and logs to. Supported platforms are `"tensorboard"`'
         ' (default), `"wandb"` and `"comet_ml"`. Use `"all"` to report to all integrations.',
     )
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the results of an earlier run in --output_dir (its LoRA, summary and checkpoints). Without it"
+        " a new run into a folder holding another run's results stops (exit status 2) unless it resumes"
+        " (--resume_from_checkpoint), as transformers' Trainer does.",
+    )
     add("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
     add("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
     add(
@@ -470,6 +477,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     prompts += list(args.validation_prompts or [])
     args.all_validation_prompts = prompts
     return args
+
+
+def resolved(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
+    """A copy of ``args`` with ``values`` replaced: what the run resolved (the embedded assets' paths, the
+    schedule, the scaled learning rate), leaving the parsed flags as the user typed them."""
+    unknown = set(values) - set(vars(args))
+    if unknown:
+        raise AttributeError(f"not flags of this parser: {', '.join(sorted(unknown))}")
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 _SECRET_FLAGS = ("hub_token",)

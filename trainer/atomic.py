@@ -8,11 +8,14 @@ after a power loss on filesystems that honour fsync.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from trainer.errors import DiskFullError, TrainingAborted, one_line
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
@@ -117,3 +120,61 @@ def remove_stale(directory: str | os.PathLike, prefixes: tuple[str, ...]) -> lis
                     os.unlink(path)
             removed.append(name)
     return removed
+
+
+def file_damage(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` is not a whole file of its format, or None (also for formats not checked).
+
+    ``.safetensors``: the header parses and its tensors end where the file does. ``torch.save`` archives
+    (``.bin``, ``.pkl``, ``.pt``): a zip whose central directory is present and whose members pass their
+    CRC checks. Reads the file once, never unpickles it.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_damage(path)
+    if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            return "not a complete torch.save archive: truncated or overwritten"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"unreadable archive: {error}"
+        return f"checksum mismatch in {bad}" if bad else None
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return "shorter than a safetensors header"
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > size - 8:
+            return "header runs past the end of the file: truncated"
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError:
+            return "header is not valid JSON"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    if 8 + header_size + max(ends, default=0) > size:
+        return f"tensor data runs past the end of the file ({size} bytes): truncated"
+    return None
+
+
+def write_failed(error: OSError, what: str, folder: Path) -> TrainingAborted:
+    """The one-line error for ``what`` that could not be written into ``folder`` (its partial copy removed)."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    where = f"{folder} ({free / 2**20:.1f} MiB free)"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"No space left to write {what} in {where}: the partial write was removed and earlier checkpoints"
+            " are kept; free some space and resume with --resume_from_checkpoint latest"
+        )
+    return TrainingAborted(f"Cannot write {what} in {where}: {one_line(error)}; the partial write was removed")

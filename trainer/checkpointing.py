@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer import atomic
-from trainer.errors import InputError
+from trainer.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,39 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _STAGING_NAME = re.compile(r"^\.checkpoint-(\d+)\.partial$")
 
 
+# The flags that decide what a run trains (its weights' shapes and trajectory): ``latest`` resumes only a
+# checkpoint whose run had the same. Not in it: the length of the run (--max_train_steps,
+# --num_train_epochs: resuming to train longer is common), checkpointing, logging, validation, output,
+# caching and compile flags, and the batch layout (trainer_state.json's own fields, warned about on resume).
+RUN_IDENTITY_FLAGS = (
+    "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant", "dataset_name",
+    "dataset_config_name", "train_data_dir", "image_column", "caption_column", "max_train_samples", "resolution",
+    "center_crop", "random_flip", "rank", "train_text_encoder", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "snr_gamma", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "prediction_type", "noise_offset", "mixed_precision", "seed", "kernels", "geglu_approximate",
+)  # fmt: skip
+
+
+def run_identity(args: Any) -> dict[str, Any]:
+    """What identifies ``args``' run (:data:`RUN_IDENTITY_FLAGS`); local paths made absolute."""
+    identity = {}
+    for flag in RUN_IDENTITY_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and os.path.exists(value):
+            value = os.path.abspath(value)
+        identity[flag] = value
+    if getattr(args, "embedded_model", False):
+        identity["pretrained_model_name_or_path"] = "embedded"
+    if getattr(args, "embedded_dataset", False):
+        identity["dataset_name"] = "embedded"
+    return identity
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``--flag saved -> current`` for each identifying flag that differs (flags the checkpoint predates are skipped)."""
+    return [f"--{flag} {saved[flag]} -> {current.get(flag)}" for flag in saved if flag in current and saved[flag] != current[flag]]
+
+
 @dataclass
 class TrainerState:
     """What ``trainer_state.json`` records next to accelerate's files."""
@@ -56,6 +89,7 @@ class TrainerState:
     num_processes: int
     train_batch_size: int
     gradient_accumulation_steps: int
+    run: dict[str, Any] | None = None  # run_identity() of the run that wrote it (None: an older checkpoint)
 
     @classmethod
     def read(cls, checkpoint: Path) -> "TrainerState | None":
@@ -63,7 +97,8 @@ class TrainerState:
         if not path.is_file():
             return None  # e.g. a checkpoint of diffusers' own script
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return cls(**{f.name: int(raw[f.name]) for f in fields(cls)})
+        run = raw.get("run")
+        return cls(**{f.name: int(raw[f.name]) for f in fields(cls) if f.name != "run"}, run=run if isinstance(run, dict) else None)
 
 
 # ----------------------------------------------------------------------------- listing
@@ -98,14 +133,55 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
     return [name for name in list_checkpoints(output_dir) if not missing_files(Path(output_dir, name))]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """Name of the newest complete checkpoint, warning about newer incomplete ones it skips."""
-    for name in reversed(list_checkpoints(output_dir)):
-        missing = missing_files(Path(output_dir, name))
-        if not missing:
-            return name
-        logger.warning(f"Skipping incomplete checkpoint {name} (missing {', '.join(missing)}).")
+def damage(checkpoint: str | os.PathLike) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (missing or damaged files), or None when it can.
+
+    Reads each file's structure, not its tensors: a safetensors header whose data runs past the end of
+    the file, a ``torch.save`` archive that is cut short or fails its checksums.
+    """
+    path = Path(checkpoint)
+    missing = missing_files(path)
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for file in sorted(path.iterdir()):
+        problem = atomic.file_damage(file)
+        if problem:
+            return f"{file.name} is damaged ({problem})"
     return None
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, identity: dict[str, Any] | None = None) -> str | None:
+    """Name of the newest checkpoint that is complete, undamaged and (with ``identity``) of the same run
+    configuration, warning about each newer one it skips and why.
+
+    Raises :class:`InputError` when checkpoints exist but every complete one is of another configuration.
+    """
+    refused: list[tuple[str, list[str]]] = []
+    for name in reversed(list_checkpoints(output_dir)):
+        problem = damage(Path(output_dir, name))
+        if problem is None and identity is not None:
+            differences = _identity_differences(Path(output_dir, name), identity)
+            if differences:
+                refused.append((name, differences))
+                problem = f"another run configuration: {'; '.join(differences)}"
+        if problem is None:
+            return name
+        logger.warning(f"Skipping checkpoint {name}: {problem}.")
+    if refused:
+        name, differences = refused[0]
+        raise InputError(
+            f"--resume_from_checkpoint latest: {name} (the newest usable checkpoint in {output_dir}) is of another run"
+            f" configuration ({'; '.join(differences)}): resume with the same flags, or use --overwrite_output_dir"
+            " to start afresh"
+        )
+    return None
+
+
+def _identity_differences(checkpoint: Path, identity: dict[str, Any]) -> list[str]:
+    state = TrainerState.read(checkpoint)
+    if state is None or state.run is None:
+        return []  # written before runs were identified (or by diffusers' script): cannot tell
+    return identity_differences(state.run, identity)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -121,9 +197,13 @@ def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, state: Trai
         shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        atomic.write_text_atomically(staging / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            atomic.write_text_atomically(staging / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # never a .partial left: earlier checkpoints stay as they were
+        raise atomic.write_failed(error, f"checkpoint-{state.global_step}", output) from None
     accelerator.wait_for_everyone()  # every process's files are in the staging directory
     if accelerator.is_main_process:
         atomic.publish_directory(staging, final)
@@ -171,7 +251,9 @@ class ResumePoint:
     skip_batches: int
 
 
-def find_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLike) -> Path | None:
+def find_resume_checkpoint(
+    resume_from: str | None, output_dir: str | os.PathLike, identity: dict[str, Any] | None = None
+) -> Path | None:
     """The checkpoint ``--resume_from_checkpoint`` designates, or None to start afresh.
 
     ``latest``: the newest complete checkpoint in ``output_dir``. A path: that directory if it exists,
@@ -181,7 +263,7 @@ def find_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLik
     if not resume_from:
         return None
     if resume_from == "latest":
-        name = latest_checkpoint(output_dir)
+        name = latest_checkpoint(output_dir, identity)
         if name is None:
             logger.warning(f"No complete checkpoint in {output_dir}: starting a new training run.")
             return None
@@ -192,11 +274,16 @@ def find_resume_checkpoint(resume_from: str | None, output_dir: str | os.PathLik
     if not path.is_dir():
         logger.warning(f"Checkpoint '{resume_from}' does not exist. Starting a new training run.")
         return None
-    missing = missing_files(path)
-    if missing:
+    problem = damage(path)
+    if problem:
         raise InputError(  # a bad --resume_from_checkpoint: one line, exit status 2
-            f"Checkpoint {path} is incomplete (missing {', '.join(missing)}): it was probably being written when"
-            " the run was killed. Resume from an earlier one, or use --resume_from_checkpoint latest."
+            f"Checkpoint {path} cannot be resumed from ({problem}): it was probably being written when the run"
+            " was killed. Resume from an earlier one, or use --resume_from_checkpoint latest."
+        )
+    differences = _identity_differences(path, identity) if identity is not None else []
+    if differences:
+        raise InputError(
+            f"Checkpoint {path} is of another run configuration ({'; '.join(differences)}): resume with the same flags"
         )
     return path
 
@@ -214,7 +301,13 @@ def checkpoint_global_step(checkpoint: Path) -> int:
 def load(accelerator: Any, checkpoint: Path, updates_per_epoch: int, current: TrainerState) -> ResumePoint:
     """``accelerator.load_state`` and the position in the data to continue from."""
     accelerator.print(f"Resuming from checkpoint {checkpoint}")
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, ValueError, KeyError, OSError) as error:  # e.g. "size mismatch": another --rank
+        raise InputError(
+            f"Checkpoint {checkpoint} does not fit this run ({one_line(error)[:300]}): resume with the flags it was"
+            " written with, or start afresh with --overwrite_output_dir"
+        ) from None
     global_step = checkpoint_global_step(checkpoint)
     saved = TrainerState.read(checkpoint)
     if saved is not None:

@@ -238,6 +238,20 @@ def describe_row(source: str, row: int | None, value: Any) -> str:
     return f"{where} ({path})" if path else where
 
 
+_UPSCALE_WARNED: set[str] = set()  # datasets warned about (per process: each dataloader worker says it once)
+
+
+def warn_upscaled_once(size: tuple[int, int], resolution: int, source: str) -> None:
+    """An image smaller than ``--resolution`` is upscaled (blurrier training data): said once per dataset."""
+    if source in _UPSCALE_WARNED:
+        return
+    _UPSCALE_WARNED.add(source)
+    logger.warning(
+        f"{source}: images smaller than --resolution {resolution} (e.g. {size[1]}x{size[0]}) are upscaled to it;"
+        " train at a lower --resolution to use them as they are (said once)"
+    )
+
+
 @dataclass
 class SDXLPreprocessor:
     """The per-example transform installed with ``Dataset.with_transform`` (applied lazily per batch)."""
@@ -272,6 +286,8 @@ class SDXLPreprocessor:
 
         image = to_rgb(image)
         original_size = (image.height, image.width)
+        if min(original_size) < self.resolution:
+            warn_upscaled_once(original_size, self.resolution, self.source)
         image = resize_shorter_side(image, self.resolution)
         if (self.random_flip and random.random() < 0.5) if flip is None else flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -419,14 +435,19 @@ class SkippedImages:
         return len(self.problems)
 
 
-def build_train_dataset(args: argparse.Namespace, tokenizer_one: Any, tokenizer_two: Any, main_process_first: Any) -> Any:
-    """Load, optionally truncate (``--max_train_samples``) and attach the SDXL transform.
+def build_train_dataset(
+    args: argparse.Namespace, tokenizer_one: Any, tokenizer_two: Any, main_process_first: Any, loaded: Any = None
+) -> Any:
+    """Load (unless ``loaded``: the dataset preflight already loaded), optionally truncate
+    (``--max_train_samples``) and attach the SDXL transform.
 
     ``main_process_first`` is ``accelerator.main_process_first``: with several processes only one
     downloads/converts the dataset at a time.
     """
     with main_process_first():
-        dataset = load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+        dataset = loaded
+        if dataset is None:
+            dataset = load_train_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
         image_column, caption_column = resolve_columns(dataset.column_names, args)
         dataset = undecoded_with_rows(dataset, image_column)
         if args.max_train_samples is not None:

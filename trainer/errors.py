@@ -7,11 +7,19 @@ import graph stays a tree: ``errors`` imports nothing of the trainer.
   ``error: <line>`` on stderr, exit status :data:`EXIT_INPUT_ERROR` (2, what argparse uses).
 * :class:`TrainingAborted` -- the run cannot continue (non-finite loss or weights): ``error: <line>``,
   exit status :data:`EXIT_ABORTED` (1); nothing of the failed step was saved.
+* :class:`OptionalStepFailed` -- validation, final images or upload failed after the LoRA and summary
+  were saved: exit status :data:`EXIT_OPTIONAL_STEP_FAILED` (3), nothing deleted.
+* A run stopped by SIGINT/SIGTERM saves, then exits with 128 + the signal number (:data:`EXIT_SIGNAL_BASE`);
+  Ctrl-C before training has started exits 130 with one line.
 """
 from __future__ import annotations
 
 EXIT_INPUT_ERROR = 2  # what argparse uses for a bad command line
 EXIT_ABORTED = 1
+EXIT_OPTIONAL_STEP_FAILED = 3  # results saved, then validation / final images / upload failed
+# Stopped by a signal after saving: 128 + the signal's number, what a shell reports for a process the
+# signal killed (130 for SIGINT / Ctrl-C, 143 for SIGTERM), so `train && upload` does not upload.
+EXIT_SIGNAL_BASE = 128
 
 
 class InputError(ValueError):
@@ -54,6 +62,14 @@ class NonFiniteWeightsError(TrainingAborted):
         )
 
 
+class OptionalStepFailed(RuntimeError):
+    """A step after the results were saved (validation, final images, upload) failed: exit status 3."""
+
+
+class DiskFullError(TrainingAborted):
+    """A checkpoint or the LoRA could not be written for lack of space; the partial write was removed."""
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` as one line.
 
@@ -74,6 +90,8 @@ def exit_status(error: BaseException) -> int | None:
         return EXIT_INPUT_ERROR
     if isinstance(error, TrainingAborted):
         return EXIT_ABORTED
+    if isinstance(error, OptionalStepFailed):
+        return EXIT_OPTIONAL_STEP_FAILED
     return None
 
 

@@ -2,7 +2,9 @@
 
 The default, :class:`TrainingHooks`, does nothing. Tests (``tests/trainer/fault_entry.py``) subclass it to
 pause a run at an exact point, turn a loss into NaN or ask for a stop, and hand it to
-``trainer.sdxl_lora.main(argv, hooks=...)``; the shipped trainer never builds anything else.
+``trainer.sdxl_lora.main(argv, hooks=...)``; the shipped trainer never builds anything else. A stop is
+asked for as a user asks for it, with SIGINT/SIGTERM (:mod:`trainer.interrupts`): the loop has one stop
+question, ``LoopCallbacks.stop_requested``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,3 @@ class TrainingHooks:
     def inside_checkpoint_write(self, step: int, directory: Path) -> None:
         """In the middle of writing checkpoint ``step``: the LoRA layers are in the staging ``directory``,
         the optimizer, scheduler and RNG states are not yet."""
-
-    def stop_requested(self) -> bool:
-        """Ask the loop to stop after this optimizer step, as a SIGTERM would (checkpoint + LoRA saved)."""
-        return False

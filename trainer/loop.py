@@ -147,7 +147,6 @@ class LoopConfig:
     num_train_epochs: int
     first_epoch: int
     initial_global_step: int
-    images_per_micro_step: int  # per-device batch x number of devices
     train_batch_size: int
     max_grad_norm: float
     checkpointing_steps: int
@@ -171,7 +170,8 @@ class LoopCallbacks:
 
     ``on_epoch_end(epoch)`` runs validation; ``on_batch(batch)`` sees each batch first (it counts skipped
     bad images); ``save_checkpoint(step)`` runs on every process; ``stop_requested()`` says whether this
-    process received SIGINT/SIGTERM; ``set_epoch(epoch)`` fixes the data order of each epoch.
+    process was asked to stop (a SIGINT/SIGTERM: :mod:`trainer.interrupts`); ``set_epoch(epoch)`` fixes the
+    data order of each epoch.
     """
 
     on_epoch_end: Callable[[int], None] | None = None
@@ -193,24 +193,22 @@ def _timed(iterable: Iterable[Any]) -> Iterable[tuple[Any, float]]:
         yield item, time.perf_counter() - start
 
 
-def train_loop(
-    accelerator: Any,
-    config: LoopConfig,
-    step_ctx: StepContext,
-    trainable_modules: Sequence[torch.nn.Module],
-    optimizer: Any,
-    lr_scheduler: Any,
-    dataloader: Any,
-    params_to_clip: list[torch.nn.Parameter],
-    progress_bar: Any,
-    callbacks: LoopCallbacks | None = None,
-    hooks: TrainingHooks | None = None,
-) -> TrainingHistory:
-    """Run epochs ``first_epoch..num_train_epochs`` until ``max_train_steps`` optimizer steps.
+def batch_images(batch: dict[str, Any]) -> int:
+    """How many images ``batch`` holds (the first dimension of its first tensor): a partial last batch
+    holds fewer than ``--train_batch_size``."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
+def train_loop(*args: Any, **kwargs: Any) -> TrainingHistory:
+    """``TrainLoop(*args, **kwargs).run()``: run epochs ``first_epoch..num_train_epochs`` until
+    ``max_train_steps`` optimizer steps (the arguments: :class:`TrainLoop`'s).
 
     Returns one :class:`StepRecord` per optimizer step. Called on every process: checkpoints every
-    ``checkpointing_steps`` and when stopping early; a stop request (signal or ``hooks.stop_requested()``)
-    is agreed on by all processes after each optimizer step and ends the loop with ``history.stopped_early``.
+    ``checkpointing_steps`` and when stopping early; a stop request (``callbacks.stop_requested()``) is
+    agreed on by all processes after each optimizer step and ends the loop with ``history.stopped_early``.
 
     The loss of each optimizer step (averaged over processes and micro-steps) stays on the device until a
     step that reads it (``config.reads_loss``: every ``logging_steps``-th step, checkpoint steps, the last
@@ -223,109 +221,168 @@ def train_loop(
     ``history.skipped_steps``. Between reads the host queues steps without waiting for the device (on
     several processes the stop-request agreement, a collective, also waits for reading steps).
     """
-    callbacks = callbacks or LoopCallbacks()
-    hooks = hooks or TrainingHooks()
-    signalled = callbacks.stop_requested or (lambda: False)
-    policy = NonFiniteLossPolicy(scaler_skips=getattr(accelerator, "scaler", None) is not None, max_consecutive=config.max_nonfinite_steps)
-    history = TrainingHistory()
-    global_step = config.initial_global_step
-    history.last_checkpoint_step = global_step  # the resumed-from checkpoint already holds this state
-    accumulate_target = trainable_modules[0]
-    pending: list[tuple[StepRecord, torch.Tensor, int]] = []  # (record, its loss on the device, epoch) until read
-    unlogged: list[StepRecord] = []  # records read or not, not yet logged
-    for epoch in range(config.first_epoch, config.num_train_epochs):
-        for module in trainable_modules:
-            module.train()
-        if callbacks.set_epoch is not None:
-            callbacks.set_epoch(epoch)
-        epoch_batches = dataloader
-        if epoch == config.first_epoch and config.skip_batches:
-            # Resumed mid-epoch: the same epoch order (set_epoch), without the batches already trained on.
-            epoch_batches = accelerator.skip_first_batches(dataloader, config.skip_batches)
-        if hasattr(epoch_batches, "set_epoch"):
-            epoch_batches.set_epoch(epoch)  # accelerate re-applies its own epoch counter on iteration
-        train_loss: torch.Tensor | None = None  # on the device: read once per optimizer step
-        data_time = 0.0
-        micro_steps = 0
-        step_start = time.perf_counter()
-        for batch, waited in _timed(epoch_batches):
-            data_time += waited
-            step = global_step + 1
-            hooks.on_batch(step, batch)
-            if callbacks.on_batch is not None:
-                callbacks.on_batch(batch)
-            micro_steps += 1
-            with accelerator.accumulate(accumulate_target):
-                loss = hooks.on_loss(step, training_loss(step_ctx, batch))
-                if config.debug_loss and "filenames" in batch:
-                    for name in batch["filenames"]:
-                        accelerator.log({"loss_for_" + name: loss}, step=global_step)
-                # Gather the losses across all processes for logging (if we use distributed training).
-                avg_loss = accelerator.gather(loss.detach().repeat(config.train_batch_size)).mean()
-                share = avg_loss / accelerator.gradient_accumulation_steps
-                train_loss = share if train_loss is None else train_loss + share
-                accelerator.backward(loss)
-                finite = True
-                if accelerator.sync_gradients:
-                    record = StepRecord(step=step, loss=math.nan, lr=0.0, images=0, step_time=0.0, data_time=0.0)  # filled below
-                    pending.append((record, train_loss.detach(), epoch))
-                    if config.reads_loss(step):
-                        # The host read (of this and earlier steps' losses), after backward was queued. Every
-                        # process holds the same gathered values, so all decide alike, before this update.
-                        finite = _read_losses(pending, policy)
-                    hooks.before_optimizer_step(step, signalled)
-                    accelerator.clip_grad_norm_(params_to_clip, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+    return TrainLoop(*args, **kwargs).run()
 
-            if accelerator.sync_gradients:
-                # On a reading step the read synchronised the device, so the wall clock covers the step's
-                # compute; between reads a step's time is the host's, and the next read's step waits for
-                # the device: the sum over steps is the run's time either way.
-                now = time.perf_counter()
-                global_step += 1
-                skipped = not finite or bool(getattr(optimizer, "step_was_skipped", False))
-                history.skipped_steps += skipped
-                record.lr = lr_scheduler.get_last_lr()[0]
-                record.images = config.images_per_micro_step * micro_steps
-                record.step_time, record.data_time, record.skipped = now - step_start, data_time, skipped
-                history.add(record)
-                unlogged.append(record)
-                progress_bar.update(1)
-                if config.reads_loss(global_step):
-                    _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
-                train_loss = None
-                data_time = 0.0
-                micro_steps = 0
 
-                if callbacks.save_checkpoint is not None and config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                    callbacks.save_checkpoint(global_step)  # every process: each stores its RNG state
-                    history.last_checkpoint_step = global_step
-                agree_now = accelerator.num_processes == 1 or config.reads_loss(global_step)  # a collective: not every step
-                if agree_now and distributed.any_process(accelerator, signalled() or hooks.stop_requested()):
-                    if pending:  # the losses of the steps since the last read, before anything is saved
-                        _read_losses(pending, policy)
-                        _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
-                    if callbacks.save_checkpoint is not None and history.last_checkpoint_step != global_step:
-                        callbacks.save_checkpoint(global_step)
-                        history.last_checkpoint_step = global_step
-                    history.stopped_early = True
+class TrainLoop:
+    """The state of one run of the training loop (:func:`train_loop`); each method is one named part of
+    an optimizer step: :meth:`_micro_step`, :meth:`_finish_step`, :meth:`_maybe_checkpoint`, :meth:`_maybe_stop`."""
+
+    def __init__(
+        self,
+        accelerator: Any,
+        config: LoopConfig,
+        step_ctx: StepContext,
+        trainable_modules: Sequence[torch.nn.Module],
+        optimizer: Any,
+        lr_scheduler: Any,
+        dataloader: Any,
+        params_to_clip: list[torch.nn.Parameter],
+        progress_bar: Any,
+        callbacks: LoopCallbacks | None = None,
+        hooks: TrainingHooks | None = None,
+    ) -> None:
+        callbacks, hooks = callbacks or LoopCallbacks(), hooks or TrainingHooks()
+        self.dataloader = dataloader
+        self.accelerator, self.config, self.step_ctx = accelerator, config, step_ctx
+        self.trainable_modules, self.optimizer, self.lr_scheduler = trainable_modules, optimizer, lr_scheduler
+        self.params_to_clip, self.progress_bar, self.callbacks, self.hooks = params_to_clip, progress_bar, callbacks, hooks
+        self.stop_requested = callbacks.stop_requested or (lambda: False)
+        self.policy = NonFiniteLossPolicy(
+            scaler_skips=getattr(accelerator, "scaler", None) is not None, max_consecutive=config.max_nonfinite_steps
+        )
+        self.history = TrainingHistory()
+        self.global_step = config.initial_global_step
+        self.history.last_checkpoint_step = self.global_step  # the resumed-from checkpoint already holds this state
+        self.pending: list[tuple[StepRecord, torch.Tensor, int]] = []  # (record, its loss on the device, epoch) until read
+        self.unlogged: list[StepRecord] = []  # records read or not, not yet logged
+        self._start_step()
+
+    # ------------------------------------------------------------------ epochs
+    def run(self) -> TrainingHistory:
+        for epoch in range(self.config.first_epoch, self.config.num_train_epochs):
+            for module in self.trainable_modules:
+                module.train()
+            for batch, waited in _timed(self._epoch_batches(self.dataloader, epoch)):
+                self.data_time += waited
+                if self._micro_step(batch, epoch):
+                    self._finish_step()
+                    if self._maybe_stop():
+                        break
+                if self.global_step >= self.config.max_train_steps:
                     break
-                step_start = time.perf_counter()  # checkpoint writes do not count as training time
-            if global_step >= config.max_train_steps:
+            if self.history.stopped_early:
                 break
+            if self.callbacks.on_epoch_end is not None:
+                self.callbacks.on_epoch_end(epoch)
+            if self.global_step >= self.config.max_train_steps:
+                break
+        self._read_and_log_pending()  # the dataset ran out between reads
+        return self.history
 
-        if history.stopped_early:
-            break
-        if callbacks.on_epoch_end is not None:
-            callbacks.on_epoch_end(epoch)
-        if global_step >= config.max_train_steps:
-            break
-    if pending:  # the dataset ran out between reads
-        _read_losses(pending, policy)
-        _log_read_steps(accelerator, progress_bar, history, policy, unlogged)
-    return history
+    def _epoch_batches(self, dataloader: Any, epoch: int) -> Any:
+        if self.callbacks.set_epoch is not None:
+            self.callbacks.set_epoch(epoch)
+        batches = dataloader
+        if epoch == self.config.first_epoch and self.config.skip_batches:
+            # Resumed mid-epoch: the same epoch order (set_epoch), without the batches already trained on.
+            batches = self.accelerator.skip_first_batches(dataloader, self.config.skip_batches)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)  # accelerate re-applies its own epoch counter on iteration
+        self._start_step()
+        return batches
+
+    def _start_step(self) -> None:
+        self.train_loss: torch.Tensor | None = None  # on the device: read once per optimizer step
+        self.data_time = 0.0
+        self.images = 0
+        self.finite = True
+        self.record: StepRecord | None = None
+        self.step_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ one step
+    def _micro_step(self, batch: dict[str, Any], epoch: int) -> bool:
+        """Forward and backward of one batch, and the optimizer update when it ends an accumulation.
+        Returns whether it did (``accelerator.sync_gradients``)."""
+        accelerator, config = self.accelerator, self.config
+        step = self.global_step + 1
+        self.hooks.on_batch(step, batch)
+        if self.callbacks.on_batch is not None:
+            self.callbacks.on_batch(batch)
+        # Every process trains a batch of the same size (accelerate's even_batches): count this one's.
+        self.images += batch_images(batch) * accelerator.num_processes
+        with accelerator.accumulate(self.trainable_modules[0]):
+            loss = self.hooks.on_loss(step, training_loss(self.step_ctx, batch))
+            if config.debug_loss and "filenames" in batch:
+                for name in batch["filenames"]:
+                    accelerator.log({"loss_for_" + name: loss}, step=self.global_step)
+            # Gather the losses across all processes for logging (if we use distributed training).
+            avg_loss = accelerator.gather(loss.detach().repeat(config.train_batch_size)).mean()
+            share = avg_loss / accelerator.gradient_accumulation_steps
+            self.train_loss = share if self.train_loss is None else self.train_loss + share
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self.record = StepRecord(step=step, loss=math.nan, lr=0.0, images=0, step_time=0.0, data_time=0.0)  # filled below
+                self.pending.append((self.record, self.train_loss.detach(), epoch))
+                if config.reads_loss(step):
+                    # The host read (of this and earlier steps' losses), after backward was queued. Every
+                    # process holds the same gathered values, so all decide alike, before this update.
+                    self.finite = _read_losses(self.pending, self.policy)
+                self.hooks.before_optimizer_step(step, self.stop_requested)
+                accelerator.clip_grad_norm_(self.params_to_clip, config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+        return bool(accelerator.sync_gradients)
+
+    def _finish_step(self) -> None:
+        """Record and log the optimizer step just made, then :meth:`_maybe_checkpoint`."""
+        # On a reading step the read synchronised the device, so the wall clock covers the step's compute;
+        # between reads a step's time is the host's, and the next read's step waits for the device: the
+        # sum over steps is the run's time either way.
+        now = time.perf_counter()
+        self.global_step += 1
+        record = self.record
+        assert record is not None
+        skipped = not self.finite or bool(getattr(self.optimizer, "step_was_skipped", False))
+        self.history.skipped_steps += skipped
+        record.lr = self.lr_scheduler.get_last_lr()[0]
+        record.images = self.images
+        record.step_time, record.data_time, record.skipped = now - self.step_start, self.data_time, skipped
+        self.history.add(record)
+        self.unlogged.append(record)
+        self.progress_bar.update(1)
+        if self.config.reads_loss(self.global_step):
+            _log_read_steps(self.accelerator, self.progress_bar, self.history, self.policy, self.unlogged)
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self, stopping: bool = False) -> None:
+        """Every ``checkpointing_steps`` steps, and when stopping (unless this step is saved already)."""
+        step = self.global_step
+        if self.callbacks.save_checkpoint is None or self.history.last_checkpoint_step == step and stopping:
+            return
+        every = self.config.checkpointing_steps
+        if stopping or (every and step % every == 0):
+            self.callbacks.save_checkpoint(step)  # every process: each stores its RNG state
+            self.history.last_checkpoint_step = step
+
+    def _maybe_stop(self) -> bool:
+        """Whether any process was asked to stop: then the pending losses are read, a checkpoint saved, and
+        the loop ends (``history.stopped_early``). Otherwise the next step's clock starts."""
+        accelerator = self.accelerator
+        agree_now = accelerator.num_processes == 1 or self.config.reads_loss(self.global_step)  # a collective: not every step
+        if agree_now and distributed.any_process(accelerator, self.stop_requested()):
+            self._read_and_log_pending()  # the losses of the steps since the last read, before anything is saved
+            self._maybe_checkpoint(stopping=True)
+            self.history.stopped_early = True
+            return True
+        self._start_step()  # checkpoint writes do not count as training time
+        return False
+
+    def _read_and_log_pending(self) -> None:
+        if self.pending:
+            _read_losses(self.pending, self.policy)
+            _log_read_steps(self.accelerator, self.progress_bar, self.history, self.policy, self.unlogged)
 
 
 def _read_losses(pending: list[tuple[StepRecord, torch.Tensor, int]], policy: NonFiniteLossPolicy) -> bool:

@@ -33,12 +33,13 @@ import contextlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, compiling, data
+from trainer import atomic, caching, checkpointing, compiling, data, flag_rules, ownership
 from trainer.args import EMBEDDED
 from trainer.errors import InputError, one_line
 
@@ -65,19 +66,32 @@ VAE_CLASSES = ("AutoencoderKL",)  # what models.load_components loads --vae_name
 MAX_ROWS_LISTED = 5
 
 
-def run(args: argparse.Namespace) -> None:
-    """Every preflight check, in the order a user would fix them: flags, model, dataset."""
+@dataclass
+class Checked:
+    """What preflight found and the run uses: the loaded dataset (None for the embedded one, generated
+    later), what identifies this run (``checkpointing.run_identity``) and the checkpoint to resume from."""
+
+    dataset: Any
+    identity: dict[str, Any]
+    resume_from: Path | None
+
+
+def run(args: argparse.Namespace) -> Checked:
+    """Every preflight check, in the order a user would fix them: flags, model, dataset, then the
+    checkpoint to resume from (damaged ones and those of another run configuration are refused)."""
     check_flags(args)
     check_model(args)
-    check_dataset(args)
+    dataset = check_dataset(args)
+    identity = checkpointing.run_identity(args)
+    resume_from = checkpointing.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, identity)
+    return Checked(dataset=dataset, identity=identity, resume_from=resume_from)
 
 
 # ----------------------------------------------------------------------------- flags
 def check_flags(args: argparse.Namespace) -> None:
     check_model_given(args)
     check_resolution(args.resolution)
-    if getattr(args, "max_nonfinite_steps", 1) < 1:
-        raise InputError(f"--max_nonfinite_steps {args.max_nonfinite_steps}: expected at least 1")
+    flag_rules.check(args)  # every numeric and choice flag in range
     if args.report_to == "wandb" and args.hub_token is not None:
         raise InputError(
             "--report_to wandb with --hub_token would expose your token: use `huggingface-cli login` instead of --hub_token"
@@ -88,13 +102,12 @@ def check_flags(args: argparse.Namespace) -> None:
     check_mixed_precision(requested, source, device_type, bf16_supported)
     check_optional_features(args, device_type)
     compiling.check_flags(args, device_type)
-    if getattr(args, "logging_steps", 1) < 1:
-        raise InputError(f"--logging_steps {args.logging_steps}: expected at least 1")
     caching.check_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
         check_output_dir(args.logging_dir, "--logging_dir")
     check_resume(args.resume_from_checkpoint, args.output_dir)
+    ownership.check_output_dir(args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
 
 
 def check_model_given(args: argparse.Namespace) -> None:
@@ -104,7 +117,7 @@ def check_model_given(args: argparse.Namespace) -> None:
     naming the missing flag. (A real model without a dataset is refused by :func:`check_dataset`, after
     the model folder itself was checked.)
     """
-    for flag in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir"):
+    for flag in ("pretrained_model_name_or_path", "dataset_name", "train_data_dir", "output_dir", "logging_dir"):
         if getattr(args, flag, None) == "":
             raise InputError(f"--{flag} is empty: give a path or hub id (or leave the flag out)")
     if args.pretrained_model_name_or_path is None and not getattr(args, "embedded_model", False):
@@ -231,6 +244,7 @@ def looks_local(name: str) -> bool:
 
 def check_model(args: argparse.Namespace) -> None:
     vae = args.pretrained_vae_model_name_or_path
+    check_hub_ids_offline(args)
     if not getattr(args, "embedded_model", False) and args.pretrained_model_name_or_path and looks_local(args.pretrained_model_name_or_path):
         # Validation builds the whole pipeline, which needs model_index.json; training alone does not.
         need_index = bool(getattr(args, "all_validation_prompts", None)) and args.num_validation_images > 0
@@ -259,6 +273,9 @@ def check_model_dir(path: str, need_vae: bool = True, need_model_index: bool = F
             _read_config(folder / required_file, flag)
         if sub in WEIGHTED_SUBFOLDERS and not _has_weights(folder):
             raise InputError(f"{flag} {path}: {sub}/ has no weights (*.safetensors or *.bin)")
+        if sub in WEIGHTED_SUBFOLDERS:
+            check_weight_files(folder, flag)
+            check_config_matches_weights(folder, flag)
     if need_model_index and not (root / "model_index.json").is_file():
         raise InputError(f"{flag} {path} has no model_index.json, which validation needs to build the pipeline")
 
@@ -278,6 +295,7 @@ def check_vae_dir(path: str) -> None:
         raise InputError(f"{flag} {path} is not a VAE: its config.json has _class_name {class_name!r}, expected 'AutoencoderKL'")
     if not _has_weights(root):
         raise InputError(f"{flag} {path} has no weights (*.safetensors or *.bin)")
+    check_weight_files(root, flag)
 
 
 def _require_directory(root: Path, flag: str, shown: str) -> None:
@@ -297,16 +315,101 @@ def _read_config(path: Path, flag: str) -> dict[str, Any]:
     return config
 
 
+def check_weight_files(folder: Path, flag: str) -> None:
+    """Each ``*.safetensors`` file is whole (header and data sizes agree): a truncated download is found
+    here, in one line, rather than by ``from_pretrained`` after the other models have loaded."""
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = atomic.file_damage(file)
+        if problem:
+            raise InputError(f"{flag}: {file} cannot be loaded ({problem}); download it again")
+
+
+def check_config_matches_weights(folder: Path, flag: str) -> None:
+    """The model ``config.json`` describes has the shapes its ``*.safetensors`` files hold.
+
+    Builds the model on the meta device (no memory, no weights read) and compares each tensor shape with
+    the safetensors headers: a config from another model (or a hand-edited one) is found here, in one
+    line, instead of as pages of "size mismatch" after the other models loaded. ``.bin`` weights are not
+    checked (reading their shapes means unpickling them).
+    """
+    held = _safetensors_shapes(folder)
+    if not held:
+        return
+    expected = _meta_model_shapes(folder)
+    if expected is None:
+        return
+    for key, shape in held.items():
+        if key in expected and expected[key] != shape:
+            raise InputError(
+                f"{flag}: {folder}/config.json does not match its weights ({key}: the config builds {expected[key]},"
+                f" the file holds {shape})"
+            )
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    import struct
+
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        shapes.update({key: list(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
+    return shapes
+
+
+def _meta_model_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Parameter shapes of the model ``folder/config.json`` names (diffusers or transformers class), built
+    without memory; None when the class is not one of theirs."""
+    from accelerate import init_empty_weights
+
+    config = _read_config(folder / "config.json", "--pretrained_model_name_or_path")
+    with init_empty_weights():
+        if "_class_name" in config:
+            import diffusers
+
+            model_class = getattr(diffusers, str(config["_class_name"]), None)
+            if model_class is None:
+                return None
+            model = model_class.from_config(model_class.load_config(str(folder)))
+        else:
+            import transformers
+
+            names = config.get("architectures") or []
+            model_class = getattr(transformers, str(names[0]), None) if names else None
+            if model_class is None:
+                return None
+            model = model_class(transformers.AutoConfig.from_pretrained(str(folder)))
+    return {key: list(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_hub_ids_offline(args: argparse.Namespace) -> None:
+    """With ``HF_HUB_OFFLINE`` set, a hub id must already be in the cache: said before anything loads."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+        return
+    from huggingface_hub import snapshot_download
+
+    names = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path), ("--vae_name", args.pretrained_vae_model_name_or_path)]
+    for flag, name in names:
+        if not name or name == EMBEDDED or looks_local(name) or (flag != "--vae_name" and getattr(args, "embedded_model", False)):
+            continue
+        try:
+            snapshot_download(name, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - huggingface_hub's "not in the cache" errors vary by release
+            raise InputError(
+                f"{flag} {name} is a hub id, HF_HUB_OFFLINE is set and it is not in the cache: download it first"
+                " (or unset HF_HUB_OFFLINE) or pass a local folder"
+            ) from None
+
+
 def _has_weights(folder: Path) -> bool:
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
 
 
 # ----------------------------------------------------------------------------- dataset
 def check_dataset(args: argparse.Namespace) -> Any:
-    """Load the dataset as training will and check it; returns it (None for the embedded dataset).
-
-    Loading twice costs little: ``datasets`` caches the Arrow conversion, so the training load reuses it.
-    """
+    """Load the dataset as training will and check it; returns it (None for the embedded dataset), and the
+    run trains on that object (``trainer.data.build_train_dataset(..., loaded=...)``): loaded once."""
     if getattr(args, "embedded_dataset", False):
         check_columns(EMBEDDED_DATASET_COLUMNS, args, "the embedded dataset")
         return None
@@ -374,7 +477,7 @@ def load_dataset_or_explain(args: argparse.Namespace, source: str) -> Any:
         if "corresponds to no data" in str(error):  # datasets' words for a split with zero rows
             raise InputError(f"dataset {source} has no rows") from None
         raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
-    except (DatasetNotFoundError, EmptyDatasetError, FileNotFoundError) as error:
+    except (DatasetNotFoundError, EmptyDatasetError, OSError) as error:  # OSError: missing files, offline hub
         raise InputError(f"{flag} {source}: cannot load the dataset ({one_line(error)})") from None
 
 

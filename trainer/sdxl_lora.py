@@ -22,16 +22,31 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from trainer import caching, checkpointing, compiling, data, distributed, errors, metrics, models, optim, preflight, sampling
-from trainer.args import parse_args, tracker_config
+from trainer import (
+    atomic,
+    caching,
+    checkpointing,
+    compiling,
+    data,
+    distributed,
+    errors,
+    metrics,
+    models,
+    optim,
+    ownership,
+    preflight,
+    sampling,
+)
+from trainer.args import parse_args, resolved, tracker_config
 from trainer.atomic import replace_files
 from trainer.embedded_default import ensure_assets
 from trainer.guards import check_weights
@@ -50,19 +65,27 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
 
     ``hooks`` (default: none) is called at fixed points of the loop; see :mod:`trainer.hooks`.
     """
-    from accelerate.utils import set_seed  # accelerate is heavy: --help and preflight errors stay fast
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
-    hooks = hooks or TrainingHooks()
     args = parse_args(argv)
-    # Bad flags, model folders and datasets raise errors.InputError here, before anything is written.
-    preflight.run(args)
+    # Bad flags, model folders, datasets and output folders raise errors.InputError here, before anything
+    # is written.
+    checked = preflight.run(args)
     # torchrun / accelerate launch on a machine without an accelerator: gloo on CPU (needs the environment
     # set before the Accelerator exists).
     distributed.prepare_launch_environment()
     accelerator = _make_accelerator(args)
+    with ownership.owned(args.output_dir, accelerator.is_main_process):  # one run at a time in --output_dir
+        return _train(args, checked, accelerator, hooks or TrainingHooks(), started)
+
+
+def _train(
+    args: argparse.Namespace, checked: preflight.Checked, accelerator: Any, hooks: TrainingHooks, started: float
+) -> dict[str, Any]:
+    """:func:`main` once the flags are checked and the output folder is this run's."""
+    from accelerate.utils import set_seed  # accelerate is heavy: --help and preflight errors stay fast
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
     _configure_logging(accelerator)
     _limit_cpu_threads(args, accelerator.device)
     distributed.configure_device(accelerator.device)
@@ -71,109 +94,116 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
     if args.seed is not None:
         set_seed(args.seed)
     repo_id = _prepare_output_dir(args, accelerator)
-    _resolve_embedded(args, accelerator)
+    # From here on `config`: the flags with the embedded assets' paths filled in, and (below) the schedule.
+    # `args` stays as parsed.
+    config = _resolve_embedded(args, accelerator)
 
     # ------------------------------------------------------------------ models
-    components = models.load_components(args, accelerator.device, accelerator.mixed_precision)
-    models.enable_attention_backends(components.unet, args)
-    models.add_lora(components, args.rank, args.train_text_encoder)
+    components = models.load_components(config, accelerator.device, accelerator.mixed_precision)
+    models.enable_attention_backends(components.unet, config)
+    models.add_lora(components, config.rank, config.train_text_encoder)
     components.kernels_report = models.apply_kernels(
-        components.unet, args.kernels == "on", args.geglu_approximate, args.recompute_geglu_projection
+        components.unet, config.kernels == "on", config.geglu_approximate, config.recompute_geglu_projection
     )
     unwrap = models.Unwrapper(accelerator)
-    models.register_checkpoint_hooks(accelerator, components, args, unwrap)
+    models.register_checkpoint_hooks(accelerator, components, config, unwrap)
     checkpointing.register_write_hook(accelerator, hooks.inside_checkpoint_write)
-    if args.gradient_checkpointing:
-        models.enable_gradient_checkpointing(components, args.train_text_encoder)
-    trainable = [components.unet] + (components.text_encoders if args.train_text_encoder else [])
+    if config.gradient_checkpointing:
+        models.enable_gradient_checkpointing(components, config.train_text_encoder)
+    trainable = [components.unet] + (components.text_encoders if config.train_text_encoder else [])
     models.upcast_trainable_params(trainable, accelerator.mixed_precision)
     params_to_optimize = models.trainable_parameters(trainable)
-    args.learning_rate = optim.scaled_learning_rate(args, accelerator.num_processes)
-    optimizer = optim.build_optimizer(args, params_to_optimize, args.learning_rate)
+    learning_rate = optim.scaled_learning_rate(config, accelerator.num_processes)
+    optimizer = optim.build_optimizer(config, params_to_optimize, learning_rate)
 
     # ------------------------------------------------------------------ data
     train_dataset = data.build_train_dataset(
-        args, components.tokenizer_one, components.tokenizer_two, accelerator.main_process_first
+        config, components.tokenizer_one, components.tokenizer_two, accelerator.main_process_first, checked.dataset
     )
     # Every process reads the same (shared) output directory, so all find the same checkpoint.
-    resume_from = checkpointing.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    data_seed = _data_seed(args, accelerator, resume_from)
-    training_data = caching.prepare(args, train_dataset, components, accelerator)
-    if args.compile:  # one batch shape for the whole run: nothing recompiles mid-run
-        compiling.full_batches_only(len(training_data.dataset), args.train_batch_size)
+    resume_from = checked.resume_from
+    data_seed = _data_seed(config, accelerator, resume_from)
+    training_data = caching.prepare(config, train_dataset, components, accelerator)
+    if config.compile:  # one batch shape for the whole run: nothing recompiles mid-run
+        compiling.full_batches_only(len(training_data.dataset), config.train_batch_size)
     train_dataloader, sampler = sampling.build_dataloader(
-        training_data.dataset, args.train_batch_size, args.dataloader_num_workers, data_seed, training_data.collate_fn,
-        drop_last=args.compile,
+        training_data.dataset, config.train_batch_size, config.dataloader_num_workers, data_seed, training_data.collate_fn,
+        drop_last=config.compile,
     )  # fmt: skip
     skipped_images = data.SkippedImages()  # --on_bad_image skip: filled from the batches, see train_loop
 
     # ------------------------------------------------------------------ schedule, devices
-    overrode_max_train_steps = args.max_train_steps is None
+    overrode_max_train_steps = config.max_train_steps is None
+    max_train_steps = config.max_train_steps
     if overrode_max_train_steps:
-        args.max_train_steps = args.num_train_epochs * num_update_steps(len(train_dataloader), args.gradient_accumulation_steps)
+        max_train_steps = config.num_train_epochs * num_update_steps(len(train_dataloader), config.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler,
+        config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * args.gradient_accumulation_steps,
-        num_training_steps=args.max_train_steps * args.gradient_accumulation_steps,
+        num_warmup_steps=config.lr_warmup_steps * config.gradient_accumulation_steps,
+        num_training_steps=max_train_steps * config.gradient_accumulation_steps,
     )
-    run = _prepare(accelerator, args, components, optimizer, train_dataloader, lr_scheduler)
+    run = _prepare(accelerator, config, components, optimizer, train_dataloader, lr_scheduler)
     # The dataloader may have been sharded across processes: recompute steps and epochs.
-    updates_per_epoch = num_update_steps(len(run.dataloader), args.gradient_accumulation_steps)
+    updates_per_epoch = num_update_steps(len(run.dataloader), config.gradient_accumulation_steps)
     if overrode_max_train_steps:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+        max_train_steps = config.num_train_epochs * updates_per_epoch
+    config = resolved(
+        config, learning_rate=learning_rate, max_train_steps=max_train_steps,
+        num_train_epochs=math.ceil(max_train_steps / updates_per_epoch),
+    )  # fmt: skip
     if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    _log_run_start(args, len(train_dataset), total_batch_size, components.kernels_report)
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
+    total_batch_size = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    _log_run_start(config, len(train_dataset), total_batch_size, components.kernels_report)
 
-    checkpoints = CheckpointWriter(accelerator, args, params_to_optimize, data_seed)
+    checkpoints = CheckpointWriter(accelerator, config, params_to_optimize, data_seed, checked.identity)
     resume_point = checkpointing.load(accelerator, resume_from, updates_per_epoch, checkpoints.state(0)) if resume_from else None
     initial_global_step = resume_point.global_step if resume_point else 0
     progress_bar = tqdm(
-        range(0, args.max_train_steps), initial=initial_global_step, desc="Steps", disable=not accelerator.is_local_main_process
+        range(0, config.max_train_steps), initial=initial_global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    validator = Validator(args, accelerator, components, unwrap, run.unet, run.text_encoders)
+    validator = Validator(config, accelerator, components, unwrap, run.unet, run.text_encoders)
     loop_config = LoopConfig(
-        max_train_steps=args.max_train_steps,
-        num_train_epochs=args.num_train_epochs,
+        max_train_steps=config.max_train_steps,
+        num_train_epochs=config.num_train_epochs,
         first_epoch=resume_point.first_epoch if resume_point else 0,
         initial_global_step=initial_global_step,
-        images_per_micro_step=args.train_batch_size * accelerator.num_processes,
-        train_batch_size=args.train_batch_size,
-        max_grad_norm=args.max_grad_norm,
-        checkpointing_steps=args.checkpointing_steps,
-        debug_loss=args.debug_loss,
+        train_batch_size=config.train_batch_size,
+        max_grad_norm=config.max_grad_norm,
+        checkpointing_steps=config.checkpointing_steps,
+        debug_loss=config.debug_loss,
         skip_batches=resume_point.skip_batches if resume_point else 0,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-        logging_steps=args.logging_steps,
+        max_nonfinite_steps=config.max_nonfinite_steps,
+        logging_steps=config.logging_steps,
     )
     step_context = StepContext(
         # --compile: only the training step sees the compiled UNet; validation and saving use run.unet.
-        unet=compiling.compile_unet(run.unet, args, accelerator.device.type) if args.compile else run.unet,
+        unet=compiling.compile_unet(run.unet, config, accelerator.device.type) if config.compile else run.unet,
         vae=components.vae,
         text_encoders=run.text_encoders,
-        noise_scheduler=_with_prediction_type(components.noise_scheduler, args.prediction_type),
+        noise_scheduler=_with_prediction_type(components.noise_scheduler, config.prediction_type),
         weight_dtype=components.weight_dtype,
-        separate_vae=args.pretrained_vae_model_name_or_path is not None,
-        resolution=args.resolution,
-        noise_offset=args.noise_offset,
-        snr_gamma=args.snr_gamma,
+        separate_vae=config.pretrained_vae_model_name_or_path is not None,
+        resolution=config.resolution,
+        noise_offset=config.noise_offset,
+        snr_gamma=config.snr_gamma,
         device=accelerator.device,
     )
 
     # ------------------------------------------------------------------ train
-    # From here on SIGINT/SIGTERM finish the current step, save a checkpoint and the LoRA, and exit 0.
+    # From here on SIGINT/SIGTERM finish the current step, save a checkpoint and the LoRA, and exit 130/143.
     # The handlers stay until the LoRA file is written.
+    optional = OptionalSteps()
     stop = GracefulStop().install()
     try:
-        with npu_kernels_selections(count=not args.compile) as selections:  # which backend served each op
+        with npu_kernels_selections(count=not config.compile) as selections:  # which backend served each op
             history = train_loop(
                 accelerator, loop_config, step_context, run.trainable_modules, run.optimizer, run.lr_scheduler,
                 run.dataloader, params_to_optimize, progress_bar,
                 callbacks=LoopCallbacks(
-                    on_epoch_end=validator, on_batch=skipped_images.record, save_checkpoint=checkpoints,
+                    on_epoch_end=lambda epoch: optional.run(f"validation after epoch {epoch}", validator, epoch),
+                    on_batch=skipped_images.record, save_checkpoint=checkpoints,
                     stop_requested=lambda: stop.requested, set_epoch=sampler.set_epoch,
                 ),
                 hooks=hooks,
@@ -190,7 +220,7 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             check_weights(params_to_optimize, final_step, checkpointing.LORA_FILE)
-            _save_lora_weights(Path(args.output_dir), run, unwrap, args.train_text_encoder)
+            _save_lora_weights(Path(config.output_dir), run, unwrap, config.train_text_encoder)
     except errors.TrainingAborted:
         stop.restore()
         accelerator.end_training()  # flush the trackers: the curve up to the fault is kept
@@ -199,56 +229,65 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
         stop.restore()  # the LoRA is on disk: a signal during final inference ends the process as usual
 
     # ------------------------------------------------------------------ outputs
+    # The LoRA is on disk; the summary follows at once, before anything optional (final images, upload)
+    # that could fail: a failure there is reported in one line and loses nothing.
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        output_dir = Path(args.output_dir)
+        output_dir = Path(config.output_dir)
         if len(set(digests)) > 1:
             logger.warning(f"The LoRA weights differ between processes (digests {digests}): DDP did not keep them in sync.")
         if interrupted:
             logger.warning(f"Stopped by {interrupted} after step {final_step}; resume with --resume_from_checkpoint latest.")
-        # An interrupted run exits promptly: no final images, no upload of an unfinished LoRA.
-        final_paths = [] if interrupted else final_inference(args, accelerator, components, output_dir)
         loss_curve = metrics.plot_loss_curve(history.losses, output_dir / "loss_curve.png") if history.records else None
         last_checkpoint = checkpointing.latest_checkpoint(output_dir)
-        summary = metrics.run_summary(
-            args,
-            history,
-            metrics.RunFacts(
-                device=str(accelerator.device),
-                mixed_precision=accelerator.mixed_precision,
-                num_devices=accelerator.num_processes,
-                global_batch=total_batch_size,
-                peak_memory=peaks,
-                memory_kind=memory_kind,
-                kernels=components.kernels_report,
-                backends=_backends_report(args, selections, accelerator.device.type),
-                optimizer=optim.describe(run.optimizer),
-                lora_weights=str(output_dir / checkpointing.LORA_FILE),
-                validation_images=validator.paths + final_paths,
-                loss_curve=str(loss_curve) if loss_curve else None,
-                tensorboard_dir=str(Path(args.output_dir, args.logging_dir, TRACKER_PROJECT)) if accelerator.log_with else None,
-                bad_images=bad_images,
-                first_step=initial_global_step,
-                last_step=final_step,
-                resumed_from=str(resume_from) if resume_from else None,
-                interrupted=interrupted,
-                last_checkpoint=str(output_dir / last_checkpoint) if last_checkpoint else None,
-                data_seed=data_seed,
-                cache=training_data.report,
-                lora_digest_per_rank=digests,
-                training_wall_time_s=training_time,
-                total_wall_time_s=time.perf_counter() - started,
-                compile_mode=compiling.compile_mode(args),
-                compile_backend=compiling.compile_backend(args),
-            ),
+        facts = metrics.RunFacts(
+            device=str(accelerator.device),
+            mixed_precision=accelerator.mixed_precision,
+            num_devices=accelerator.num_processes,
+            global_batch=total_batch_size,
+            peak_memory=peaks,
+            memory_kind=memory_kind,
+            kernels=components.kernels_report,
+            backends=_backends_report(config, selections, accelerator.device.type),
+            optimizer=optim.describe(run.optimizer),
+            lora_weights=str(output_dir / checkpointing.LORA_FILE),
+            validation_images=list(validator.paths),
+            loss_curve=str(loss_curve) if loss_curve else None,
+            tensorboard_dir=str(Path(config.output_dir, config.logging_dir, TRACKER_PROJECT)) if accelerator.log_with else None,
+            bad_images=bad_images,
+            first_step=initial_global_step,
+            last_step=final_step,
+            resumed_from=str(resume_from) if resume_from else None,
+            interrupted=interrupted,
+            last_checkpoint=str(output_dir / last_checkpoint) if last_checkpoint else None,
+            data_seed=data_seed,
+            cache=training_data.report,
+            lora_digest_per_rank=digests,
+            training_wall_time_s=training_time,
+            total_wall_time_s=time.perf_counter() - started,
+            compile_mode=compiling.compile_mode(config),
+            compile_backend=compiling.compile_backend(config),
         )
+        summary = metrics.run_summary(config, history, facts)
         metrics.write_summary(summary, output_dir)
+        # An interrupted run exits promptly: no final images, no upload of an unfinished LoRA.
+        final_paths = [] if interrupted else optional.run(
+            "final validation images", final_inference, config, accelerator, components, output_dir, default=[]
+        )
+        if final_paths:
+            facts.validation_images += final_paths
+            summary = metrics.run_summary(config, history, facts)
+            metrics.write_summary(summary, output_dir)
         print(metrics.format_summary(summary), flush=True)
         if bad_images:  # the total, after the per-image warnings scrolled by
             logger.warning(f"{len(bad_images)} unreadable image(s) skipped (--on_bad_image skip); listed in summary.json")
-        if args.push_to_hub and repo_id is not None and not interrupted:
-            _push_to_hub(args, repo_id, final_paths)
+        if config.push_to_hub and repo_id is not None and not interrupted:
+            optional.run("upload to the hub", _push_to_hub, config, repo_id, final_paths)
     _teardown(accelerator, run, step_context, validator)
+    if optional.failures:
+        raise errors.OptionalStepFailed(
+            f"{'; '.join(optional.failures)} (the LoRA and summary.json are saved in {config.output_dir})"
+        )
     return summary
 
 
@@ -300,11 +339,14 @@ def _limit_cpu_threads(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def _prepare_output_dir(args: argparse.Namespace, accelerator: Any) -> str | None:
-    """Create ``--output_dir``, clear leftovers of a killed run, create the hub repo; returns its id."""
+    """Create ``--output_dir``, clear leftovers of a killed run (and with ``--overwrite_output_dir`` the previous
+    run's checkpoints), create the hub repo; returns its id."""
     if not accelerator.is_main_process:
         return None
     os.makedirs(args.output_dir, exist_ok=True)
     checkpointing.remove_stale_files(args.output_dir)  # partial checkpoints of a killed run
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        ownership.remove_previous_checkpoints(args.output_dir)
     if not args.push_to_hub:
         return None
     from huggingface_hub import create_repo  # only for --push_to_hub
@@ -312,16 +354,19 @@ def _prepare_output_dir(args: argparse.Namespace, accelerator: Any) -> str | Non
     return create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
 
 
-def _resolve_embedded(args: argparse.Namespace, accelerator: Any) -> None:
-    """Point the model/dataset flags at the embedded assets where they are used (see trainer.args)."""
+def _resolve_embedded(args: argparse.Namespace, accelerator: Any) -> argparse.Namespace:
+    """``args`` with the model/dataset flags pointing at the embedded assets where they are used (see
+    trainer.args); ``args`` itself is left as parsed."""
     if not (args.embedded_model or args.embedded_dataset):
-        return
+        return resolved(args)
     with accelerator.main_process_first():  # one process generates, the others then find the cache
         assets = ensure_assets()
+    paths = {}
     if args.embedded_model:
-        args.pretrained_model_name_or_path = str(assets.model_dir)
+        paths["pretrained_model_name_or_path"] = str(assets.model_dir)
     if args.embedded_dataset:
-        args.dataset_name = str(assets.dataset_dir)
+        paths["dataset_name"] = str(assets.dataset_dir)
+    return resolved(args, **paths)
 
 
 @dataclass
@@ -366,19 +411,41 @@ def _log_run_start(args: argparse.Namespace, num_examples: int, total_batch_size
 
 
 class CheckpointWriter:
-    """``save_checkpoint(step)`` for the loop (every process), refusing to write NaN/inf weights."""
+    """``save_checkpoint(step)`` for the loop (every process), refusing to write NaN/inf weights; each
+    checkpoint records ``identity`` (``checkpointing.run_identity``), which ``latest`` compares."""
 
-    def __init__(self, accelerator: Any, args: argparse.Namespace, params: list[torch.nn.Parameter], data_seed: int) -> None:
-        self.accelerator, self.args, self.params, self.data_seed = accelerator, args, params, data_seed
+    def __init__(
+        self, accelerator: Any, args: argparse.Namespace, params: list[torch.nn.Parameter], data_seed: int, identity: dict[str, Any]
+    ) -> None:
+        self.accelerator, self.args, self.params, self.data_seed, self.identity = accelerator, args, params, data_seed, identity
 
     def state(self, step: int) -> checkpointing.TrainerState:
         return checkpointing.TrainerState(
-            step, self.data_seed, self.accelerator.num_processes, self.args.train_batch_size, self.args.gradient_accumulation_steps
-        )
+            step, self.data_seed, self.accelerator.num_processes, self.args.train_batch_size,
+            self.args.gradient_accumulation_steps, run=self.identity,
+        )  # fmt: skip
 
     def __call__(self, step: int) -> None:
         check_weights(self.params, step, f"checkpoint-{step}")
         checkpointing.save_checkpoint(self.accelerator, self.args.output_dir, self.state(step), self.args.checkpoints_total_limit)
+
+
+class OptionalSteps:
+    """Runs the steps a run can do without (validation, final images, upload): a failure is logged in one
+    line and remembered, the run goes on, and :func:`main` raises :class:`~trainer.errors.OptionalStepFailed`
+    once the results are saved (the CLI's exit status 3)."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def run(self, what: str, step: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        try:
+            return step(*args)
+        except Exception as error:  # noqa: BLE001 - any failure of an optional step must not lose the run
+            line = f"{what} failed: {errors.one_line(error)}"
+            logger.error(line)
+            self.failures.append(line)
+            return default
 
 
 def npu_kernels_selections(count: bool = True) -> Any:
@@ -434,7 +501,10 @@ def _data_seed(args: argparse.Namespace, accelerator: Any, resume_from: Path | N
 def _save_lora_weights(output_dir: Path, run: PreparedRun, unwrap: models.Unwrapper, with_text_encoders: bool) -> None:
     """``pytorch_lora_weights.safetensors`` as diffusers writes it, replacing any previous file atomically."""
     text_encoders = [unwrap(m) for m in run.text_encoders] if with_text_encoders else [None, None]
-    replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders))
+    try:
+        replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders))
+    except OSError as error:  # e.g. a full disk: the temporary copy is gone, a previous LoRA file untouched
+        raise atomic.write_failed(error, checkpointing.LORA_FILE, output_dir) from None
 
 
 def _gather_skipped_images(skipped: data.SkippedImages) -> list[str]:
@@ -484,16 +554,27 @@ def cli(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) -
 
     An :class:`~trainer.errors.InputError` (bad flag, file, column or image) prints ``error: <what and
     where>`` on stderr and returns exit status 2; a :class:`~trainer.errors.TrainingAborted` (e.g. a
-    non-finite loss) exit status 1; no traceback either way. ``main(argv)`` itself raises them.
+    non-finite loss, a full disk) exit status 1; :class:`~trainer.errors.OptionalStepFailed` 3; a run
+    stopped by SIGINT/SIGTERM (after saving) 130/143; Ctrl-C before training 130. No traceback in any
+    case. ``main(argv)`` itself raises the errors.
     """
     try:
-        main(argv, hooks=hooks)
-    except (errors.InputError, errors.TrainingAborted) as error:
+        summary = main(argv, hooks=hooks)
+    except (errors.InputError, errors.TrainingAborted, errors.OptionalStepFailed) as error:
         _close_progress_bars()
         print(errors.format_error(error), file=sys.stderr, flush=True)
         status = errors.exit_status(error)
         assert status is not None
         return status
+    except KeyboardInterrupt:  # Ctrl-C before training (or a second one while saving)
+        _close_progress_bars()
+        print(
+            "error: interrupted by Ctrl-C (SIGINT); files saved before are intact (saves are atomic)", file=sys.stderr, flush=True
+        )
+        return errors.EXIT_SIGNAL_BASE + signal.SIGINT
+    interrupted = summary.get("interrupted")
+    if interrupted:  # saved, but unfinished: not 0, so that `train && upload` stops here
+        return errors.EXIT_SIGNAL_BASE + (signal.SIGINT if interrupted == "SIGINT" else signal.SIGTERM)
     return 0
 
 

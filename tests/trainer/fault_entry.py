@@ -13,12 +13,13 @@ fault prints one line starting with :data:`MARKER` to stderr when it fires; the 
 ``--nan_loss_at_steps N[,M...]``
     Turn the loss of those optimizer steps into NaN (a numerical fault, without tuning a learning rate).
 ``--stop_after_step N``
-    Ask for a stop after step N, as a SIGTERM would.
+    Send this process a SIGTERM in optimizer step N (before its update): the run stops after step N.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,6 @@ class FaultHooks(TrainingHooks):
         self.pause_in_checkpoint_write = pause_in_checkpoint_write
         self.nan_loss_at_steps = set(nan_loss_at_steps)
         self.stop_after_step = stop_after_step
-        self.last_step = 0
 
     def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         if step not in self.nan_loss_at_steps:
@@ -67,7 +67,9 @@ class FaultHooks(TrainingHooks):
         return loss * float("nan")
 
     def before_optimizer_step(self, step: int, stop_requested: Callable[[], bool]) -> None:
-        self.last_step = step
+        if step == self.stop_after_step:
+            _announce(f"sending SIGTERM to myself in step {step}")
+            os.kill(os.getpid(), signal.SIGTERM)
         if step == self.pause_at_step:
             _pause(f"in optimizer step {step}", stop_requested)
 
@@ -76,9 +78,6 @@ class FaultHooks(TrainingHooks):
 
         if step == self.pause_in_checkpoint_write and PartialState().is_main_process:
             _pause(f"writing checkpoint {step}", lambda: False)
-
-    def stop_requested(self) -> bool:
-        return self.stop_after_step is not None and self.last_step >= self.stop_after_step
 
 
 def parse(argv: Sequence[str]) -> tuple[FaultHooks, list[str]]:

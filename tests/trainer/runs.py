@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tests.trainer.fault_entry import MARKER
+from trainer.ownership import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -111,11 +112,12 @@ def summary(output_dir: Path) -> dict[str, Any]:
 
 
 def file_digests(root: Path) -> dict[str, tuple[str, int]]:
-    """Relative path -> (sha256, mtime_ns) of every file below ``root``."""
+    """Relative path -> (sha256, mtime_ns) of every file below ``root`` (but the run lock, which every run
+    writes: ``trainer.ownership``)."""
     return {
         str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
         for path in sorted(root.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != LOCK_FILE
     }
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from trainer import data, preflight
 from trainer.errors import EXIT_INPUT_ERROR, InputError
+from trainer.ownership import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 PREFLIGHT_SECONDS = 10.0  # generous for a loaded 2-core machine; typically well under a second
@@ -220,7 +221,7 @@ CASES = [
          r"^dataset \S+/ds: column 'text' \(--image_column\) holds string, expected images$"),
     Case("no_rows", lambda tmp, a, mp: ["--dataset_name", str(shapes_dataset(tmp / "zero", captions=[]))], r"^dataset \S+/zero has no rows$"),
     Case("max_train_samples_zero", lambda tmp, a, mp: [*_dataset("ds")(tmp, a, mp), "--max_train_samples", "0"],
-         r"^--max_train_samples 0 leaves no rows to train on$"),
+         r"^--max_train_samples 0: expected at least 1 \(0 leaves no rows to train on\)$"),
     # captions
     Case("caption_none", _dataset("ds", captions=["a red square", None, "a red circle"]),
          r"^dataset \S+/ds: caption column 'text' is missing \(None\) in 1 of 3 rows: 1; give every row a caption"),
@@ -291,8 +292,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     assert "Traceback" not in stderr
     assert re.search(case.message, errors[0].removeprefix("error: ")), errors[0]
     if case.at_runtime:
-        # Found mid-run: the output directory may have been created, but holds no file.
-        assert not [p for p in out.rglob("*") if p.is_file()]
+        # Found mid-run: the output directory may have been created, but holds no file (the run's lock,
+        # released and empty, aside: trainer.ownership).
+        assert not [p for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE]
     else:
         assert files_under(tmp_path) == before, "preflight wrote something"
         assert seconds < PREFLIGHT_SECONDS, f"{case.name}: preflight took {seconds:.1f} s"

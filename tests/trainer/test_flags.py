@@ -481,7 +481,7 @@ def _tiny_loop(monkeypatch: pytest.MonkeyPatch, scaler: bool, nan_steps: set[int
             weights.append(model.weight.detach().clone())  # the weights after step - 1
 
     config = loop.LoopConfig(
-        max_train_steps=steps, num_train_epochs=1, first_epoch=0, initial_global_step=0, images_per_micro_step=2,
+        max_train_steps=steps, num_train_epochs=1, first_epoch=0, initial_global_step=0,
         train_batch_size=2, max_grad_norm=1.0, checkpointing_steps=0, max_nonfinite_steps=max_nonfinite,
     )  # fmt: skip
     try:

@@ -14,6 +14,7 @@ import torch
 from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
 from tests.trainer.test_e2e import run_main
 from trainer import caching, checkpointing, distributed, sampling
+from trainer.ownership import LOCK_FILE
 from trainer.preflight import InputError
 
 SCRIPTS = REPO / "trainer" / "scripts"
@@ -156,7 +157,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, assets: object) -> P
 
 def test_checkpoints_total_limit_keeps_the_newest(uninterrupted: Path) -> None:
     assert checkpointing.list_checkpoints(uninterrupted) == ["checkpoint-4", "checkpoint-6"]
-    assert not [p.name for p in uninterrupted.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    # No temporary leftovers (the run lock stays, released and empty: trainer.ownership).
+    assert not [p.name for p in uninterrupted.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path: Path, uninterrupted: Path) -> None:
