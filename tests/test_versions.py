@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,23 @@ def test_optimized_geglu_module_compiles_whole_on_this_torch(recompute_projectio
     (x_grad,) = torch.autograd.grad(out, x, grad)
     (expected_grad,) = torch.autograd.grad(expected, x, grad.double())
     reference.assert_close(x_grad, expected_grad, torch.float32, "compiled GEGLU input gradient")
+
+
+def test_compiled_frozen_conv_backward_traces_without_dynamos_lru_cache_warning():
+    """torch 2.14's dynamo warns at every compiled run that traces a ``functools.lru_cache`` call (the
+    frozen Conv2d backward's shape placeholder); traced, the plain function runs instead."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    (expected,) = torch.autograd.grad(conv(x).square().sum(), x)
+    npu_kernels.optimize(conv)
+    torch._dynamo.reset()
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- PEFT releases
