@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from npu_kernels import backends
+from npu_kernels import backends, versions
 from npu_kernels.report import describe
 
 
@@ -29,8 +29,9 @@ def _devices() -> list[str]:
 
 def main() -> None:
     print(f"npu_kernels {_version('npu-kernels')}  python {platform.python_version()}")
-    for dist in ("torch", "diffusers", "triton", "torch_npu"):
-        print(f"  {dist:<10} {_version(dist)}")
+    print("\n".join(versions.report_lines()))  # the tested dependencies, with a warning outside their range
+    for dist in ("triton", "torch_npu"):
+        print(f"  {dist:<12} {_version(dist)}")
     for name in backends.BACKENDS:
         error = backends.load_error(name)
         print(f"  backend {name:<7} {'loads' if error is None else 'unavailable: ' + error}")

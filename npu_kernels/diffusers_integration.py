@@ -8,7 +8,6 @@ loading.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from types import MethodType
 from typing import Any, Callable
 
@@ -194,13 +193,21 @@ def _identity_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x  # the SiLU already ran inside the fused GroupNorm before it
 
 
-def _geglu_forward(
-    self: GEGLU, hidden_states: torch.Tensor, *args, approximate: str = "none", recompute_projection: bool = False, **kwargs
-) -> torch.Tensor:
-    proj = self.proj
-    if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj):
-        return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
-    return geglu(proj(hidden_states), approximate)
+def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callable:
+    """``GEGLU.forward`` with :func:`npu_kernels.geglu` and these options.
+
+    A plain function closing over the options, not a ``functools.partial``: bound as the module's
+    forward it is a method dynamo inlines on every torch we accept (newer dynamo reads the bound
+    function's ``__name__``, which a partial lacks; ``tests/test_versions.py`` checks).
+    """
+
+    def geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        proj = self.proj
+        if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj):
+            return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
+        return geglu(proj(hidden_states), approximate)
+
+    return geglu_forward
 
 
 # ----------------------------------------------------------------------------- optimize/restore
@@ -274,9 +281,7 @@ def optimize(
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
-    geglu_forward = functools.partial(
-        _geglu_forward, approximate=geglu_approximate, recompute_projection=recompute_geglu_projection
-    )
+    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_geglu_projection)
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue

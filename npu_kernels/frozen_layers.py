@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npu_kernels.ops._dispatch import autocast_operands
+from npu_kernels.ops._dispatch import autocast_operands, tracing
 
 
 @functools.lru_cache(maxsize=256)
@@ -53,8 +53,10 @@ class _FrozenConv2d(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
         input_shape, dtype, stride, padding, dilation, groups = ctx.conv
+        # Traced (torch.compile), the cache saves nothing and dynamo >= 2.14 warns about it: call the plain function.
+        placeholder = (_shape_placeholder.__wrapped__ if tracing() else _shape_placeholder)(input_shape, dtype, grad_out.device)
         grad_x = _convolution_backward(
-            _as_dtype(grad_out, weight.dtype), _shape_placeholder(input_shape, dtype, grad_out.device), weight, None,
+            _as_dtype(grad_out, weight.dtype), placeholder, weight, None,
             stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups, _INPUT_GRAD_ONLY,
         )[0]
         return _as_dtype(grad_x, ctx.input_dtype), None, None, None, None, None, None

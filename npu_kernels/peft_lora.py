@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - exercised only where peft is absent
     _PeftLinear = _PeftLoraLayer = None
 
 _AUTOCAST_IGNORES = torch.float64  # autocast leaves float64 tensors alone; so does PEFT
+_NO_BIAS: dict[str, bool] = {}  # PEFT before lora_bias existed
 
 
 def patchable(module: nn.Module) -> bool:
@@ -46,9 +47,19 @@ def fallback_reason(layer: nn.Module) -> str | None:
     name = active[0]
     if name not in layer.lora_A:
         return f"active adapter {name!r} is not on this layer"
-    if name in layer.lora_variant:
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA or similar)"
-    if layer.lora_bias.get(name, False):
+    # Attributes of some PEFT releases only: lora_variant (>= 0.16; before it DoRA, flagged in
+    # use_dora, was the only variant) and lora_bias (>= 0.14). Without either DoRA flag we cannot
+    # tell plain LoRA apart, so PEFT's forward runs.
+    variants = getattr(layer, "lora_variant", None)
+    if variants is not None and name in variants:
+        return f"LoRA variant {type(variants[name]).__name__} (DoRA or similar)"
+    if variants is None:
+        use_dora = getattr(layer, "use_dora", None)
+        if use_dora is None:
+            return "this PEFT's lora.Linear has neither lora_variant nor use_dora: cannot tell plain LoRA"
+        if use_dora.get(name, False):
+            return "DoRA (use_dora=True)"
+    if getattr(layer, "lora_bias", _NO_BIAS).get(name, False):
         return "lora_B has a bias (lora_bias=True)"
     dropout = layer.lora_dropout[name]
     if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
