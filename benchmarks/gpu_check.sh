@@ -162,6 +162,15 @@ run_stage host_time 90 30 "${BENCH[@]}" benchmarks/test_bench_host_time.py -s --
 run_stage trainer_embedded 120 45 "$PYTHON" -m trainer.sdxl_lora --output_dir "$OUT_DIR/trainer_embedded" \
   --max_train_steps "$EMBEDDED_STEPS" --checkpointing_steps 1000000 --seed 42
 
+# 3b. The memory plan (trainer --memory_plan) vs torch.cuda.max_memory_allocated of the same step: the embedded
+#     pipeline at 1024 px in four configurations, then SDXL's architecture at 1024 px bf16 (rehearsal: 128 px, CPU).
+if [[ "$REHEARSAL" == 1 ]]; then
+  run_stage memory_plan 120 40 "$PYTHON" -m benchmarks.memory_plan_accuracy --device cpu --resolution 128 --only "kernels on"
+else
+  run_stage memory_plan 300 120 bash -c "'$PYTHON' -m benchmarks.memory_plan_accuracy --device cuda --resolution 1024 --batch 2; r=\$?; \
+    '$PYTHON' -m benchmarks.memory_plan_accuracy --device cuda --model sdxl --resolution 1024 --batch 1 || r=\$?; exit \$r"
+fi
+
 # 4. UNet step at 512 px: eager/compiled x stock/optimized (bf16; fp32 is in the README already).
 run_stage unet_step_512 240 150 "${BENCH[@]}" benchmarks/test_bench_unet_step.py "${UNET_512[@]}" -k bf16 \
   --compile-mode "$COMPILE_MODE" --benchmark-json "$OUT_DIR/unet_step_512.json"
@@ -222,7 +231,7 @@ run_stage kernel_table 240 120 bash -c "'$PYTHON' -m pytest -q -p no:cacheprovid
 # ------------------------------------------------------------------------------------------- summary
 say "summary (logs and JSON in $OUT_DIR):"
 failed=0 skipped=()
-for name in env npu_kernels_report tests host_time trainer_embedded unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
+for name in env npu_kernels_report tests host_time trainer_embedded memory_plan unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
             trainer_sdxl:kernels_on trainer_sdxl:kernels_on_compile unet_step_1024 profile_512 compiled_routing kernel_table; do
   status="${RESULT[$name]:-not run}"
   say "  $(printf '%-34s' "$name") $status"

@@ -10,6 +10,7 @@ type and default, so existing launch scripts work unchanged, plus:
 * ``--on_bad_image skip|fail``: what an undecodable image does (see ``trainer.preflight``).
 * ``--cache_latents`` / ``--cache_text_embeddings``: run the frozen encoders once (see ``trainer.caching``).
 * ``--compile`` / ``--compile_mode`` / ``--compile_backend`` / ``--logging_steps``: graph mode (see ``trainer.compiling``).
+* ``--memory_plan`` / ``--ignore_memory_plan``: the planned peak memory (see ``trainer.memory_plan``).
 
 Unlike the diffusers script a run without any model or dataset flag is allowed: it trains the embedded
 tiny SDXL-shaped pipeline on the embedded shapes dataset (a smoke test). Otherwise nothing is filled in
@@ -431,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache_text_embeddings",
         action="store_true",
         help="Run both text encoders once per distinct caption before training. Not with --train_text_encoder.",
+    )
+    # ---------------------------------------------------------------- memory plan (trainer.memory_plan)
+    add(
+        "--memory_plan",
+        action="store_true",
+        help="Print the planned peak device memory of this configuration, item by item (one step traced on fake"
+        " tensors: no weights are loaded), and exit. Every run prints the plan before loading its models.",
+    )
+    add(
+        "--ignore_memory_plan",
+        action="store_true",
+        help="Train even when the memory plan exceeds the CUDA/NPU device's free memory (otherwise the run stops"
+        " before loading weights and names the flags that would make it fit).",
     )
     return parser
 

@@ -107,7 +107,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
         check_output_dir(args.logging_dir, "--logging_dir")
     check_resume(args.resume_from_checkpoint, args.output_dir)
-    ownership.check_output_dir(args.output_dir, args.resume_from_checkpoint, getattr(args, "overwrite_output_dir", False))
+    if not args.memory_plan:  # a plan writes nothing: another run's results in --output_dir do not matter
+        ownership.check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
 def check_model_given(args: argparse.Namespace) -> None:

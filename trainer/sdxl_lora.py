@@ -53,6 +53,7 @@ from trainer.guards import check_weights
 from trainer.hooks import TrainingHooks
 from trainer.interrupts import GracefulStop
 from trainer.loop import LoopCallbacks, LoopConfig, StepContext, num_update_steps, train_loop
+from trainer.memory_plan import check as check_memory_plan
 from trainer.validation import Validator, final_inference
 
 logger = logging.getLogger("trainer.sdxl_lora")
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None, hooks: TrainingHooks | None = None) 
     # Bad flags, model folders, datasets and output folders raise errors.InputError here, before anything
     # is written.
     checked = preflight.run(args)
+    if check_memory_plan(args):  # --memory_plan: the plan was all that was asked for
+        return {}
     # torchrun / accelerate launch on a machine without an accelerator: gloo on CPU (needs the environment
     # set before the Accelerator exists).
     distributed.prepare_launch_environment()

@@ -1,0 +1,122 @@
+"""The memory plan (trainer.memory_plan, --memory_plan): accurate against a real step, following the flags,
+and stopping a run that will not fit, with the flags that would make it fit."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from benchmarks.memory_plan_accuracy import measure
+from trainer import memory_plan, sdxl_configs
+from trainer.args import parse_args
+from trainer.errors import InputError
+from trainer.sdxl_lora import cli
+
+# The embedded pipeline at a size where activations outweigh the weights, batch 2.
+BASE = ["--resolution", "128", "--train_batch_size", "2"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--kernels", "off"],
+        ["--mixed_precision", "bf16", "--gradient_checkpointing"],
+        ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings"],
+    ],
+    ids=["stock", "kernels-bf16-checkpointing", "kernels-recompute-cached"],
+)
+def test_plan_is_within_10_percent_of_the_real_step(assets: object, flags: list[str]) -> None:
+    """Planned (fake tensors) vs the same step on real random-init models, tracked storage by storage."""
+    result = measure(parse_args(BASE + flags), torch.device("cpu"))
+    assert result["measured"] > 0
+    assert abs(result["planned"] / result["measured"] - 1) <= 0.10, result
+
+
+def _plan(*flags: str) -> memory_plan.MemoryPlan:
+    return memory_plan.make_plan(parse_args(BASE + list(flags)), "cpu")
+
+
+def _item(plan: memory_plan.MemoryPlan, start: str) -> int:
+    return sum(value for name, value in plan.items if name.startswith(start))
+
+
+def test_plan_follows_the_flags(assets: object) -> None:
+    default = _plan()
+    assert default.total == sum(value for _, value in default.items) > 0
+    activations = _item(default, "activations")
+    bigger = _plan("--train_batch_size", "4")
+    assert _item(bigger, "activations") > 1.5 * activations  # twice the images
+    assert _item(_plan("--gradient_checkpointing"), "activations") < activations
+    bf16 = _plan("--mixed_precision", "bf16")
+    assert _item(bf16, "UNet: frozen weights (bf16)") == pytest.approx(_item(default, "UNet: frozen weights (fp32)") / 2, rel=0.01)
+    assert _item(bf16, "LoRA parameters (fp32)") == _item(default, "LoRA parameters (fp32)")  # LoRA trains in fp32
+
+
+def test_memory_plan_flag_prints_the_plan_and_exits_0_without_writing(assets: object, tmp_path, capsys) -> None:
+    output_dir = tmp_path / "out"
+    assert cli(["--memory_plan", "--output_dir", str(output_dir), *BASE]) == 0
+    out = capsys.readouterr().out
+    assert "Memory plan (128 px, batch 2, fp32, kernels on" in out
+    for item in ("UNet: frozen weights", "LoRA parameters", "AdamW states", "activations and temporaries", "planned peak"):
+        assert item in out
+    assert not output_dir.exists()
+
+
+def test_memory_plan_with_a_bad_flag_fails_as_preflight_does(assets: object, capsys) -> None:
+    assert cli(["--memory_plan", "--resolution", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resolution 100") and "\n" not in err
+
+
+def test_a_run_that_will_not_fit_stops_naming_the_flags_that_fit(assets: object) -> None:
+    # Every memory-saving flag but one already given: the verdict has one alternative to plan.
+    flags = ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
+    args = parse_args(BASE + flags)
+    plan = memory_plan.make_plan(args, "cpu")
+    assert any("resident but idle" in name for name, _ in plan.items)  # caching: VAE and encoders stay, idle
+    checkpointed = _plan(*flags, "--gradient_checkpointing")
+    assert checkpointed.total < plan.total
+    free = (checkpointed.total + plan.total) // 2
+    printed: list[str] = []
+    with pytest.raises(InputError) as raised:
+        memory_plan.check(args, "cpu", free_memory=lambda device, rank: free, print_fn=printed.append)
+    message = str(raised.value)
+    assert "\n" not in message and memory_plan.format_bytes(plan.total) in message
+    assert f"fits with --gradient_checkpointing ({memory_plan.format_bytes(checkpointed.total)})" in message
+    assert "--ignore_memory_plan" in message
+    assert printed and "planned peak" in printed[0]  # the plan is printed before the verdict
+
+    # Enough memory, or --ignore_memory_plan: the run goes on.
+    assert memory_plan.check(args, "cpu", free_memory=lambda device, rank: plan.total, print_fn=printed.append) is False
+    ignoring = argparse.Namespace(**{**vars(args), "ignore_memory_plan": True})
+    assert memory_plan.check(ignoring, "cpu", free_memory=lambda device, rank: 1, print_fn=printed.append) is False
+
+
+def test_when_nothing_fits_the_message_says_what_all_flags_together_would_need() -> None:
+    plan = memory_plan.MemoryPlan("test", [("activations and temporaries of one step", 3 * 2**30)])
+    message = memory_plan.does_not_fit_message(plan, 2**30, "cuda", [("--gradient_checkpointing --mixed_precision bf16", 2 * 2**30)])
+    assert message == (
+        "memory plan: this run needs 3.00 GiB at its peak and the cuda device has 1.00 GiB free; even"
+        " --gradient_checkpointing --mixed_precision bf16 plans 2.00 GiB: lower --train_batch_size or --resolution;"
+        " --ignore_memory_plan runs anyway"
+    )
+
+
+def test_sdxl_hub_names_plan_from_the_built_in_configs(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = parse_args(["--pretrained_model_name_or_path", sdxl_configs.SDXL_BASE, "--dataset_name", "embedded",
+                       "--vae_name", sdxl_configs.SDXL_VAE_FP16_FIX])  # fmt: skip
+    configs = memory_plan.model_configs(args)
+    assert configs.unet["block_out_channels"] == (320, 640, 1280)
+    assert [config.num_hidden_layers for _, config in configs.text_encoders] == [12, 32]
+    assert configs.vae["block_out_channels"] == (128, 256, 512, 512)
+
+
+def test_an_unknown_model_without_configs_warns_and_trains_but_memory_plan_fails(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = parse_args(["--pretrained_model_name_or_path", "someone/unknown-sdxl", "--dataset_name", "embedded"])
+    assert memory_plan.check(args, "cpu", free_memory=lambda device, rank: 1) is False
+    args.memory_plan = True
+    with pytest.raises(InputError, match="memory plan: cannot read the model configs of someone/unknown-sdxl"):
+        memory_plan.check(args, "cpu")
