@@ -190,7 +190,7 @@ def test_generation(benchmark, pipeline, lora_file, lora, resolution_px, bench_s
                     torch.cuda.synchronize()
                 times[impl].append(time.perf_counter() - start)
 
-        rounds = bench_rounds or (3 if bench_size == "full" and device.type != "cpu" else 1 if bench_size == "smoke" else 2)
+        rounds = bench_rounds or {"smoke": 1, "full": 2 if device.type == "cpu" else 3}[bench_size]
         benchmark.group = f"generation {precision} {bench_size} {resolution_px}px {'lora' if lora else 'no_lora'}"
         benchmark.pedantic(interleaved_round, rounds=rounds, warmup_rounds=0)
     finally:
