@@ -166,8 +166,8 @@ def test_vae_decode_runs_the_fused_ops(model_dir: Path, monkeypatch) -> None:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_group_norm_silu_takes_the_vae_attention_output_layout(batch: int) -> None:
     """The VAE's attention returns ``out.transpose(-1, -2).reshape(...) + residual``: channels-last, and
-    with a batch of one its batch stride is arbitrary; ATen's GroupNorm refuses that layout unless the
-    backend hands it canonical strides."""
+    with a batch of one its batch stride is arbitrary, which ATen's GroupNorm refuses as it is (stock
+    F.group_norm copies it to contiguous first; so must the backend)."""
     channels, side = 32, 5
     generator = torch.Generator().manual_seed(7)
     out = torch.randn(batch, side * side, channels, generator=generator).transpose(-1, -2).reshape(batch, channels, side, side)
