@@ -38,7 +38,10 @@ def _materialise(build) -> torch.nn.Module:
     return module
 
 
-def build_sdxl_architecture_pipeline():
+def build_sdxl_architecture_pipeline(
+    unet_config: dict = SDXL_UNET_CONFIG, clip_l: dict = CLIP_L, clip_bigg: dict = CLIP_BIGG, vae_config: dict = SDXL_VAE
+):
+    """SDXL base 1.0's architectures by default; other configs (narrower widths) keep the pipeline's structure."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -48,13 +51,13 @@ def build_sdxl_architecture_pipeline():
     common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return StableDiffusionXLPipeline(
-        vae=_materialise(lambda: AutoencoderKL(**SDXL_VAE)),
-        text_encoder=_materialise(lambda: CLIPTextModel(CLIPTextConfig(**common, **CLIP_L))),
+        vae=_materialise(lambda: AutoencoderKL(**vae_config)),
+        text_encoder=_materialise(lambda: CLIPTextModel(CLIPTextConfig(**common, **clip_l))),
         text_encoder_2=_materialise(lambda: CLIPTextModelWithProjection(
-            CLIPTextConfig(**{**common, "pad_token_id": tokenizer_2.pad_token_id}, **CLIP_BIGG))),
+            CLIPTextConfig(**{**common, "pad_token_id": tokenizer_2.pad_token_id}, **clip_bigg))),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_materialise(lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG)),
+        unet=_materialise(lambda: UNet2DConditionModel(**unet_config)),
         scheduler=build_pipeline().scheduler,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import MethodType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers.models.activations import GEGLU
@@ -20,6 +20,9 @@ from torch import nn
 from npu_kernels import frozen_layers, peft_lora
 from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu
 from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 _FUSED_TAG = "_npu_kernels_fused"
 _PREVIOUS_PROCESSOR = "_npu_kernels_previous_processor"
@@ -149,8 +152,14 @@ def _fused_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
+def _plain_time_embedding(block: ResnetBlock2D) -> bool:
+    """The block's time embedding is added before ``norm2`` ("default") or absent: the VAE's blocks say
+    "group" but have no ``time_emb_proj``, which makes diffusers' forward the same computation."""
+    return block.time_embedding_norm == "default" or (block.time_emb_proj is None and block.time_embedding_norm != "scale_shift")
+
+
 def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
-    """``ResnetBlock2D.forward`` ("default" time-embedding norm, SiLU) with both norm+SiLU fused.
+    """``ResnetBlock2D.forward`` ("default" time-embedding norm or none, SiLU) with both norm+SiLU fused.
 
     The time embedding still goes through ``self.nonlinearity``, exactly as in diffusers.
     """
@@ -171,7 +180,7 @@ def _resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb: torch
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None:
+    if temb is not None and self.time_embedding_norm == "default":  # other norms ignore a temb they have no projection for
         hidden_states = hidden_states + temb
     hidden_states = _fused_norm_silu(self.norm2, hidden_states)
 
@@ -213,7 +222,11 @@ def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callabl
 # ----------------------------------------------------------------------------- optimize/restore
 @dataclasses.dataclass
 class OptimizeReport:
-    """What :func:`optimize` swapped (module counts) and what it left alone."""
+    """What :func:`optimize` swapped (module counts) and what it left alone.
+
+    For a pipeline, ``components`` holds each model component's own report and the fields above are
+    their totals, with module names prefixed by the component's (``"vae.decoder.mid_block..."``).
+    """
 
     attention_processors: int = 0
     resnet_blocks: int = 0
@@ -225,18 +238,77 @@ class OptimizeReport:
     # Patched LoRA layers whose state at optimize() time makes them run PEFT's forward (checked
     # again at every call: the fused path takes over once the state allows it).
     lora_fallbacks: list[str] = dataclasses.field(default_factory=list)
+    components: dict[str, OptimizeReport] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def merged(cls, components: dict[str, OptimizeReport]) -> OptimizeReport:
+        """One report for several models (a pipeline's): counts summed, entries prefixed by component."""
+        total = cls(components=dict(components))
+        for component, report in components.items():
+            for field in _COUNT_FIELDS:
+                setattr(total, field, getattr(total, field) + getattr(report, field))
+            total.skipped += [_prefixed(component, entry) for entry in report.skipped]
+            total.lora_fallbacks += [_prefixed(component, entry) for entry in report.lora_fallbacks]
+        return total
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return (
-            f"npu_kernels.optimize: {self.attention_processors} attention processors, "
-            f"{self.resnet_blocks} ResnetBlock2D (GroupNorm+SiLU x2), {self.norm_out_pairs} conv_norm_out+conv_act, "
-            f"{self.geglu} GEGLU, {self.frozen_layers} Linear/Conv2d that save no input when frozen, "
-            f"{self.lora_layers} PEFT LoRA Linear as one lora_linear op ({len(self.lora_fallbacks)} running PEFT's "
-            f"forward for now); {len(self.skipped)} modules left as they were"
+        lines = [f"npu_kernels.optimize: {_counts_text(self)}"]
+        for name, report in self.components.items():
+            swapped = any(getattr(report, field) for field in _COUNT_FIELDS)
+            # A component left whole (a transformers text encoder) has one entry, for its root module "".
+            reasons = [entry.removeprefix(": ") for entry in report.skipped if entry.startswith(": ")]
+            lines.append(f"  {name}: {_counts_text(report) if swapped or not reasons else '; '.join(reasons)}")
+        return "\n".join(lines)
+
+
+def _counts_text(report: OptimizeReport) -> str:
+    return (
+        f"{report.attention_processors} attention processors, "
+        f"{report.resnet_blocks} ResnetBlock2D (GroupNorm+SiLU x2), {report.norm_out_pairs} conv_norm_out+conv_act, "
+        f"{report.geglu} GEGLU, {report.frozen_layers} Linear/Conv2d that save no input when frozen, "
+        f"{report.lora_layers} PEFT LoRA Linear as one lora_linear op ({len(report.lora_fallbacks)} running PEFT's "
+        f"forward for now); {len(report.skipped)} modules left as they were"
+    )
+
+
+_COUNT_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizeReport) if f.type == "int")
+
+
+def _prefixed(component: str, entry: str) -> str:
+    """``"name: reason"`` of a module inside ``component`` as the pipeline-level entry."""
+    name, reason = entry.split(": ", 1)
+    return f"{component}.{name}: {reason}" if name else f"{component}: {reason}"
+
+
+def _pipeline_models(pipeline: Any) -> dict[str, nn.Module]:
+    """The ``torch.nn.Module`` components of a diffusers pipeline, by name; a clear error for anything else."""
+    from diffusers import DiffusionPipeline  # the pipelines package is heavy: only when one is passed
+
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise TypeError(
+            f"npu_kernels: expected a torch.nn.Module or a diffusers DiffusionPipeline, got {type(pipeline).__name__}"
         )
+    return {name: module for name, module in pipeline.components.items() if isinstance(module, nn.Module)}
+
+
+def _optimize_pipeline(pipeline: Any, **options: Any) -> OptimizeReport:
+    """:func:`optimize` on each diffusers model of ``pipeline`` (UNet, VAE, ...), one report for all.
+
+    Other modules (transformers' text encoders) hold none of the diffusers modules ``optimize`` fuses:
+    they are left as they are and reported so.
+    """
+    from diffusers import ModelMixin
+
+    reports = {}
+    for name, module in _pipeline_models(pipeline).items():
+        if isinstance(module, ModelMixin):
+            reports[name] = optimize(module, **options)
+        else:
+            reports[name] = OptimizeReport(skipped=[f": {type(module).__name__} is not a diffusers model, nothing to swap"])
+    return OptimizeReport.merged(reports)
 
 
 def _patch(module: nn.Module, forward: Callable) -> None:  # any callable taking (module, *args)
@@ -253,12 +325,12 @@ def _is_group_norm(module: nn.Module | None) -> bool:
 
 
 def optimize(
-    model: nn.Module, frozen_weights: bool = True, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
+    model: nn.Module | DiffusionPipeline, frozen_weights: bool = True, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
 ) -> OptimizeReport:
     """Install npu_kernels' fused ops on a diffusers model, in place.
 
     * every ``Attention`` using ``AttnProcessor2_0``/``AttnProcessor`` gets :class:`FusedAttnProcessor`;
-    * ``ResnetBlock2D`` (default time-embedding norm, SiLU): ``norm1``/``norm2`` + ``nonlinearity``
+    * ``ResnetBlock2D`` (default time-embedding norm or none, as in the VAE; SiLU): ``norm1``/``norm2`` + ``nonlinearity``
       run as :func:`npu_kernels.group_norm_silu`; the time-embedding SiLU stays as it is;
     * ``conv_norm_out`` (GroupNorm) followed by ``conv_act`` (SiLU) become one fused op;
     * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
@@ -276,8 +348,16 @@ def optimize(
       backward, only their weight: same values and gradients, much less activation memory.
 
     Works on ``UNet2DConditionModel`` and on any other model: it swaps what matches and leaves the
-    rest. Calling it twice changes nothing more. Undo with :func:`restore`.
+    rest. A diffusers ``DiffusionPipeline`` gets this on each of its diffusers models (UNet, VAE, ...)
+    and one report, with each component's own in ``report.components``; its text encoders
+    (transformers models) are left as they are. Calling it twice changes nothing more. Undo with
+    :func:`restore`.
     """
+    if not isinstance(model, nn.Module):
+        return _optimize_pipeline(
+            model, frozen_weights=frozen_weights, geglu_approximate=geglu_approximate,
+            recompute_geglu_projection=recompute_geglu_projection,
+        )
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
@@ -299,7 +379,7 @@ def optimize(
                 report.skipped.append(f"{name}: attention processor {type(processor).__name__}")
         elif isinstance(module, ResnetBlock2D):
             if (
-                module.time_embedding_norm == "default"
+                _plain_time_embedding(module)
                 and _is_plain_silu(module.nonlinearity)
                 and _is_group_norm(module.norm1)
                 and _is_group_norm(module.norm2)
@@ -329,8 +409,15 @@ def optimize(
     return report
 
 
-def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize`: stock diffusers modules and processors again, same parameters."""
+def restore(model: nn.Module | DiffusionPipeline) -> nn.Module | DiffusionPipeline:
+    """Undo :func:`optimize`: stock diffusers modules and processors again, same parameters.
+
+    A ``DiffusionPipeline`` is restored component by component and returned.
+    """
+    if not isinstance(model, nn.Module):
+        for module in _pipeline_models(model).values():
+            restore(module)
+        return model
     for module in model.modules():
         if getattr(module, _FUSED_TAG, False):
             del module.forward

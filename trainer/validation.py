@@ -171,8 +171,10 @@ def final_inference(
         models.load_lora_into_pipeline(pipeline, str(output_dir))
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
-    if args.kernels == "on":
-        models.apply_kernels(pipeline.unet, True, getattr(args, "geglu_approximate", "none"))
+    if args.kernels == "on":  # the whole pipeline: UNet and VAE (the text encoders have nothing to swap)
+        import npu_kernels
+
+        logger.info(str(npu_kernels.optimize(pipeline, geglu_approximate=getattr(args, "geglu_approximate", "none"))))
     images = generate_images(
         pipeline,
         args.all_validation_prompts,

@@ -178,7 +178,16 @@ def _as_4d(x: Tensor) -> Tensor:
         x4 = x.as_strided((n, c, spatial, 1), (spatial * c, 1, c, c))  # same memory, canonical strides
     else:
         x4 = x.reshape(x.shape[0], x.shape[1], -1, 1)
-    return x4 if x4.is_contiguous(memory_format=_memory_format(x4)) else x4.contiguous()
+    # ATen's kernel reads the layout from every stride, size-1 dimensions included, and a size-1 dimension
+    # may carry any stride (a batch of one after a transpose and reshape: the VAE attention's output).
+    n, c, h, w = x4.shape
+    if _memory_format(x4) == torch.channels_last:
+        # Not channels-last to ATen unless canonical: stock F.group_norm then copies it to contiguous, as here.
+        return x4 if x4.stride() == (h * w * c, 1, w * c, c) else x4.contiguous()
+    if not x4.is_contiguous():
+        return x4.contiguous()
+    strides = (c * h * w, h * w, w, 1)
+    return x4 if x4.stride() == strides else x4.as_strided(x4.shape, strides)  # same memory, canonical strides
 
 
 def _like(t4: Tensor, x: Tensor) -> Tensor:
