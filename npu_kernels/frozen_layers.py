@@ -54,7 +54,10 @@ class _FrozenConv2d(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         input_shape, dtype, stride, padding, dilation, groups = ctx.conv
         # Traced (torch.compile), the cache saves nothing and dynamo >= 2.14 warns about it: call the plain function.
-        placeholder = (_shape_placeholder.__wrapped__ if tracing() else _shape_placeholder)(input_shape, dtype, grad_out.device)
+        # Traced or fake tensors (torch.compile, a FakeTensorMode memory plan) must not fill the cache that real
+        # calls read: a cached fake placeholder would silently change every later real gradient.
+        cacheable = type(grad_out) is torch.Tensor and not tracing()
+        placeholder = (_shape_placeholder if cacheable else _shape_placeholder.__wrapped__)(input_shape, dtype, grad_out.device)
         grad_x = _convolution_backward(
             _as_dtype(grad_out, weight.dtype), placeholder, weight, None,
             stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups, _INPUT_GRAD_ONLY,
