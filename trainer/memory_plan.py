@@ -455,6 +455,9 @@ def does_not_fit_message(plan: MemoryPlan, free: int, device_type: str, alternat
     return f"{head}: lower --train_batch_size or --resolution; --ignore_memory_plan runs anyway"
 
 
+FIT_CHECKED_DEVICES = ("cuda", "npu")  # where every run plans and checks the fit before loading weights
+
+
 def check(
     args: argparse.Namespace,
     device_type: str | None = None,
@@ -469,6 +472,9 @@ def check(
     readable) warns and trains; ``--memory_plan`` then fails with the reason instead.
     """
     device_type = device_type or preflight.training_device_type()
+    if not args.memory_plan and device_type not in FIT_CHECKED_DEVICES:
+        # Host memory is not what runs out here, and a plan costs seconds of CPU per run: asked for only.
+        return False
     try:
         configs = model_configs(args)
         plan = make_plan(args, device_type, configs)

@@ -73,14 +73,14 @@ def test_a_run_that_will_not_fit_stops_naming_the_flags_that_fit(assets: object)
     # Every memory-saving flag but one already given: the verdict has one alternative to plan.
     flags = ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
     args = parse_args(BASE + flags)
-    plan = memory_plan.make_plan(args, "cpu")
+    plan = memory_plan.make_plan(args, "cuda")  # traced on the CPU here; CUDA's allocator slack included
     assert any("resident but idle" in name for name, _ in plan.items)  # caching: VAE and encoders stay, idle
-    checkpointed = _plan(*flags, "--gradient_checkpointing")
+    checkpointed = memory_plan.make_plan(parse_args(BASE + flags + ["--gradient_checkpointing"]), "cuda")
     assert checkpointed.total < plan.total
     free = (checkpointed.total + plan.total) // 2
     printed: list[str] = []
     with pytest.raises(InputError) as raised:
-        memory_plan.check(args, "cpu", free_memory=lambda device, rank: free, print_fn=printed.append)
+        memory_plan.check(args, "cuda", free_memory=lambda device, rank: free, print_fn=printed.append)
     message = str(raised.value)
     assert "\n" not in message and memory_plan.format_bytes(plan.total) in message
     assert f"fits with --gradient_checkpointing ({memory_plan.format_bytes(checkpointed.total)})" in message
@@ -88,9 +88,9 @@ def test_a_run_that_will_not_fit_stops_naming_the_flags_that_fit(assets: object)
     assert printed and "planned peak" in printed[0]  # the plan is printed before the verdict
 
     # Enough memory, or --ignore_memory_plan: the run goes on.
-    assert memory_plan.check(args, "cpu", free_memory=lambda device, rank: plan.total, print_fn=printed.append) is False
+    assert memory_plan.check(args, "cuda", free_memory=lambda device, rank: plan.total, print_fn=printed.append) is False
     ignoring = argparse.Namespace(**{**vars(args), "ignore_memory_plan": True})
-    assert memory_plan.check(ignoring, "cpu", free_memory=lambda device, rank: 1, print_fn=printed.append) is False
+    assert memory_plan.check(ignoring, "cuda", free_memory=lambda device, rank: 1, print_fn=printed.append) is False
 
 
 def test_when_nothing_fits_the_message_says_what_all_flags_together_would_need() -> None:
@@ -116,7 +116,14 @@ def test_sdxl_hub_names_plan_from_the_built_in_configs(monkeypatch) -> None:
 def test_an_unknown_model_without_configs_warns_and_trains_but_memory_plan_fails(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = parse_args(["--pretrained_model_name_or_path", "someone/unknown-sdxl", "--dataset_name", "embedded"])
-    assert memory_plan.check(args, "cpu", free_memory=lambda device, rank: 1) is False
+    assert memory_plan.check(args, "cuda", free_memory=lambda device, rank: 1) is False
     args.memory_plan = True
     with pytest.raises(InputError, match="memory plan: cannot read the model configs of someone/unknown-sdxl"):
         memory_plan.check(args, "cpu")
+
+
+def test_cpu_runs_plan_only_when_asked(assets: object) -> None:
+    """Host memory is not what runs out on a CPU and a plan costs seconds: only --memory_plan plans there."""
+    printed: list[str] = []
+    assert memory_plan.check(parse_args(BASE), "cpu", free_memory=lambda device, rank: 1, print_fn=printed.append) is False
+    assert printed == []
