@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from npu_kernels import backends
+from npu_kernels.backends import pytorch
 from npu_kernels.ops._build import autocast_operands, build, needs_grad, tracing
 from npu_kernels.registry import GegluInputs, OpSpec
 
@@ -20,11 +21,6 @@ def _validate(x: Tensor, approximate: str) -> tuple:
     return x, approximate
 
 
-def _plain_maths(x: Tensor, approximate: str) -> Tensor:
-    hidden, gate = x.chunk(2, dim=-1)
-    return hidden * F.gelu(gate, approximate=approximate)
-
-
 _GEGLU = build(OpSpec(
     name="geglu",
     inputs=GegluInputs,
@@ -35,7 +31,7 @@ _GEGLU = build(OpSpec(
     saves=("x",),  # the input is all the backward needs: GELU is recomputed
     validate=_validate,
     fake=lambda x, approximate, backend: x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,)),
-    plain_maths=_plain_maths,
+    plain_maths=pytorch.geglu_forward,  # the PyTorch kernel is plain differentiable maths already
 ))
 
 
