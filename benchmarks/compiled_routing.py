@@ -20,7 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import npu_kernels
-from npu_kernels import backends
+from npu_kernels import backends, registry
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,14 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append")
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--op", choices=backends.DECOMPOSABLE_OPS, action="append")
+    parser.add_argument("--op", choices=registry.decomposable_ops(), action="append")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     print(f"{'op':<16} {'dtype':<9} {'mode':<10} {'compile s':>9} {'median ms':>9} {'min ms':>9} {'min vs eager':>12} breaks")
     for dtype_name in args.dtype or ("fp32", "bf16"):
-        for op in args.op or backends.DECOMPOSABLE_OPS:
+        for op in args.op or registry.decomposable_ops():
             op_rows = measure(op, device, DTYPES[dtype_name], args.iterations)
             eager = op_rows[0]["min_s"]
             for row in op_rows:

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from npu_kernels import backends, versions
-from npu_kernels.report import describe
+from npu_kernels.report import survey
 
 
 def _version(distribution: str) -> str:
@@ -47,15 +47,14 @@ def main() -> None:
         absent = "" if device_type in seen else " (no such device here: what auto would pick on one)"
         for dtype in (torch.float32, torch.bfloat16):
             print(f"\n{device_type} {str(dtype).replace('torch.', '')}{absent}:")
-            for op, candidates in describe(device_type, dtype).items():
-                chosen = next((name for name, reasons in candidates.items() if not reasons), "unavailable")
+            for op, (backend, candidates) in survey(device_type, dtype).items():
                 notes = "; ".join(
                     f"{name}: {'unavailable' if reasons[0].startswith('cannot load') else ', '.join(reasons)}"
                     for name, reasons in candidates.items()
                     if reasons
                 )
-                compiled = backends.compiled_choice(op, device_type, chosen)
-                print(f"  {op:<16} -> {chosen:<8}  compiled: {compiled:<9}" + (f"  ({notes})" if notes else ""))
+                compiled = backends.compiled_choice(op, device_type, backend)
+                print(f"  {op:<16} -> {backend:<8}  compiled: {compiled:<9}" + (f"  ({notes})" if notes else ""))
 
 
 if __name__ == "__main__":

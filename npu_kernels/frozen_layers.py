@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npu_kernels.ops._dispatch import autocast_operands, tracing
+from npu_kernels.ops._build import autocast_operands, tracing
 
 
 @functools.lru_cache(maxsize=256)

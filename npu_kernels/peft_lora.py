@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from npu_kernels.ops._dispatch import tracing
+from npu_kernels.ops._build import tracing
 from npu_kernels.ops.lora_linear import lora_linear, lora_linear_shared_input
 
 try:  # PEFT is optional: without it there are no LoRA layers to patch

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from npu_kernels import backends
+from npu_kernels import backends, registry
 
 
-def _sample_inputs(op: str, device: str, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+def _sample_inputs(op: str, device: str, dtype: torch.dtype) -> registry.Inputs:
     """Small tensors shaped like SDXL's uses of the op (on the meta device when ``device`` is absent)."""
     try:
         torch.empty(0, device=device)
@@ -17,33 +17,38 @@ def _sample_inputs(op: str, device: str, dtype: torch.dtype) -> tuple[torch.Tens
         return torch.empty(shape, device=device, dtype=dtype)
 
     if op == "geglu":
-        return (make(1, 64, 2 * 80),)
+        return registry.GegluInputs(make(1, 64, 2 * 80))
     if op == "group_norm_silu":
-        return make(1, 64, 8, 8), make(64), make(64)
+        return registry.GroupNormSiluInputs(make(1, 64, 8, 8), make(64), make(64))
     if op == "flash_attention":
-        return make(1, 2, 256, 64), make(1, 2, 256, 64), make(1, 2, 256, 64), None
-    return make(1, 2, 256, 64), make(1, 2, 77, 64), make(1, 2, 77, 64), None
+        return registry.AttentionInputs(make(1, 2, 256, 64), make(1, 2, 256, 64), make(1, 2, 256, 64))
+    if op == "cross_attention":
+        return registry.AttentionInputs(make(1, 2, 256, 64), make(1, 2, 77, 64), make(1, 2, 77, 64))
+    raise ValueError(f"no sample inputs for op {op!r}")
+
+
+def survey(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, dict[str, list[str]]]]:
+    """For each op: the backend that serves it on ``device`` for ``dtype`` (``"unavailable"`` if
+    none), and every backend :func:`~npu_kernels.backends.select` would consider there (the forced
+    one, or ``auto``'s list) mapped to its reasons (empty = usable)."""
+    device_type = str(device).split(":")[0]
+    table: dict[str, tuple[str, dict[str, list[str]]]] = {}
+    for op, spec in registry.OPS.items():
+        if spec.fixed_backend is not None:  # no choice (lora_linear: ATen's GEMMs on every device)
+            table[op] = (spec.fixed_backend, {spec.fixed_backend: []})
+            continue
+        inputs = _sample_inputs(op, str(device), dtype)
+        names = backends.candidates(device_type, op)
+        reasons = {name: backends.not_supported_reasons(name, op, inputs) for name in names}
+        table[op] = (backends.first_usable(op, names, inputs) or "unavailable", reasons)
+    return table
 
 
 def describe(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, list[str]]]:
-    """For each op: every backend ``auto`` would consider on ``device``, mapped to its reasons (empty = usable)."""
-    device = str(device)
-    table: dict[str, dict[str, list[str]]] = {}
-    for op in backends.OPS:
-        inputs = _sample_inputs(op, device, dtype)
-        names = backends.auto_candidates(device.split(":")[0], op)
-        if backends.forced_backend() != "auto":
-            names = (backends.forced_backend(),)
-        table[op] = {name: backends.not_supported_reasons(name, op, inputs) for name in names}
-    # lora_linear has no backend choice: ATen's GEMMs serve it on every device (see ops/lora_linear.py).
-    table["lora_linear"] = {"torch": []}
-    return table
+    """For each op: every backend considered on ``device``, mapped to its reasons (see :func:`survey`)."""
+    return {op: reasons for op, (_chosen, reasons) in survey(device, dtype).items()}
 
 
 def backend_report(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Op name -> the backend that serves it on ``device`` for ``dtype`` (first usable in priority order)."""
-    report = {}
-    for op, candidates in describe(device, dtype).items():
-        usable = [name for name, reasons in candidates.items() if not reasons]
-        report[op] = usable[0] if usable else "unavailable"
-    return report
+    return {op: chosen for op, (chosen, _reasons) in survey(device, dtype).items()}

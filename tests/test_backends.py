@@ -1,17 +1,21 @@
-"""The dispatch point (``npu_kernels.backends``): forcing and restoring a backend, the reasons a
-backend gives for refusing inputs, ``auto``'s choices per device, and ``python -m npu_kernels``."""
+"""The dispatch point (``npu_kernels.backends``): forcing and restoring a backend (per thread and
+task), the reasons a backend gives for refusing inputs, ``auto``'s choices per device, the registry
+every lister reads, and ``python -m npu_kernels``."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 import npu_kernels
-from npu_kernels import backends
+from npu_kernels import backends, registry
+from npu_kernels.registry import AttentionInputs, GegluInputs, GroupNormSiluInputs
 
 
 def test_use_backend_forces_and_restores():
@@ -27,6 +31,62 @@ def test_use_backend_restores_after_an_exception():
         with npu_kernels.use_backend("torch"):
             raise RuntimeError("inside")
     assert backends.forced_backend() == "auto"
+
+
+def test_a_forced_backend_belongs_to_its_thread():
+    """``use_backend`` in one thread neither leaks into another nor is undone by it."""
+    inside, release = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def forcing() -> None:
+        with npu_kernels.use_backend("torch"):
+            inside.set()
+            release.wait(10)
+            seen["forcing thread"] = backends.forced_backend()
+        seen["forcing thread after"] = backends.forced_backend()
+
+    def watching() -> None:
+        inside.wait(10)
+        seen["other thread"] = backends.forced_backend()
+        release.set()
+
+    threads = [threading.Thread(target=forcing), threading.Thread(target=watching)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"forcing thread": "torch", "other thread": "auto", "forcing thread after": "auto"}
+    assert backends.forced_backend() == "auto"
+
+
+def test_a_forced_backend_belongs_to_its_task():
+    async def forced_in(name: str | None, started: asyncio.Event, go_on: asyncio.Event) -> str:
+        if name is None:
+            await started.wait()
+            go_on.set()
+            return backends.forced_backend()
+        with npu_kernels.use_backend(name), backends.use_compiled("custom_op"):
+            started.set()
+            await go_on.wait()
+            return f"{backends.forced_backend()}/{backends.forced_compiled()}"
+
+    async def both() -> list[str]:
+        started, go_on = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(forced_in("torch", started, go_on), forced_in(None, started, go_on))
+
+    assert asyncio.run(both()) == ["torch/custom_op", "auto"]
+
+
+def test_the_registry_lists_every_op_once_and_the_listers_read_it():
+    assert sorted(registry.OPS) == ["cross_attention", "flash_attention", "geglu", "group_norm_silu", "lora_linear"]
+    assert set(registry.backend_ops()) == set(registry.OPS) - {"lora_linear"}  # ATen GEMMs: no backend choice
+    assert registry.decomposable_ops() == registry.backend_ops()  # plain maths for every op a backend serves
+    assert list(npu_kernels.backend_report("cpu")) == list(registry.OPS)
+    for name, spec in registry.OPS.items():
+        op = getattr(torch.ops.npu_kernels, name).default  # each spec generated its custom op
+        assert [a.name for a in op._schema.arguments][: len(spec.arg_names)] == list(spec.arg_names)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register(registry.OPS["geglu"])
 
 
 def test_unknown_backend_is_refused():
@@ -99,26 +159,29 @@ def test_triton_not_supported_reasons():
 
     device = "cuda" if torch.cuda.is_available() and not tk.interpreting() else "cpu"
     x = torch.empty(2, 8, device=device)
-    assert tk.not_supported_reasons("geglu", x) == []
-    assert any("even" in r for r in tk.not_supported_reasons("geglu", torch.empty(2, 7, device=device)))
-    assert any("float64" in r for r in tk.not_supported_reasons("geglu", x.double()))
-    assert tk.not_supported_reasons("group_norm_silu", torch.empty(1, 4, 3, 3, device=device), None, None) == []
+    assert tk.not_supported_reasons("geglu", GegluInputs(x)) == []
+    assert any("even" in r for r in tk.not_supported_reasons("geglu", GegluInputs(torch.empty(2, 7, device=device))))
+    assert any("float64" in r for r in tk.not_supported_reasons("geglu", GegluInputs(x.double())))
+    assert tk.not_supported_reasons("group_norm_silu", GroupNormSiluInputs(torch.empty(1, 4, 3, 3, device=device))) == []
 
     q = torch.empty(1, 1, 4, 64, dtype=torch.float16, device=device)
     k = v = torch.empty(1, 1, 300, 64, dtype=torch.float16, device=device)
-    assert tk.not_supported_reasons("flash_attention", q, k, v, None) == []
-    assert any("Skv 300 > 256" in r for r in tk.not_supported_reasons("cross_attention", q, k, v, None))
+    assert tk.not_supported_reasons("flash_attention", AttentionInputs(q, k, v)) == []
+    assert any("Skv 300 > 256" in r for r in tk.not_supported_reasons("cross_attention", AttentionInputs(q, k, v)))
     big = torch.empty(1, 1, 4, 256, device=device)
-    assert any("head dim 256 > 128" in r for r in tk.not_supported_reasons("flash_attention", big, big, big, None))
+    assert any("head dim 256 > 128" in r for r in tk.not_supported_reasons("flash_attention", AttentionInputs(big, big, big)))
     # Boolean / 2-D masks are served: the ops layer makes them additive and 4-D first.
     bool_mask = torch.ones(4, 300, dtype=torch.bool, device=device)
-    assert tk.not_supported_reasons("flash_attention", q, k, v, bool_mask) == []
+    assert tk.not_supported_reasons("flash_attention", AttentionInputs(q, k, v, bool_mask)) == []
+    # Parameters only need the device: a float64 weight with float32 data is served.
     weight64 = torch.ones(4, dtype=torch.float64, device=device)
-    assert tk.not_supported_reasons("group_norm_silu", torch.empty(1, 4, 3, device=device), weight64, None) == []
-    assert tk.not_supported_reasons("no_such_op", q)
+    assert tk.not_supported_reasons("group_norm_silu", GroupNormSiluInputs(torch.empty(1, 4, 3, device=device), weight64)) == []
+    # ...but a float64 x is not: which tensor is data comes from the inputs type, not from its position.
+    assert any("float64" in r for r in tk.not_supported_reasons("group_norm_silu", GroupNormSiluInputs(x.double().view(2, 8, 1))))
+    assert tk.not_supported_reasons("no_such_op", GegluInputs(q))
     if tk.interpreting():
         bf16 = torch.empty(2, 8, dtype=torch.bfloat16)
-        assert any("interpreter" in r for r in tk.not_supported_reasons("geglu", bf16))
+        assert any("interpreter" in r for r in tk.not_supported_reasons("geglu", GegluInputs(bf16)))
 
 
 # ------------------------------------------------------------------- counting what dispatch chose
@@ -146,9 +209,10 @@ def test_auto_decides_once_per_input_kind(monkeypatch):
     asked = []
     real = backends.not_supported_reasons
 
-    def counting(name, op, tensors):
+    def counting(name, op, inputs):
+        assert isinstance(inputs, GegluInputs)
         asked.append(name)
-        return real(name, op, tensors)
+        return real(name, op, inputs)
 
     # Give the CPU a choice to make: Triton (interpreter: float32/float16, even last dim) first.
     monkeypatch.setitem(backends._AUTO_PRIORITY, "cpu", {"geglu": ("triton", "torch")})

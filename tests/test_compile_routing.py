@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import npu_kernels
-from npu_kernels import backends
+from npu_kernels import backends, registry
 from npu_kernels.__main__ import main as print_report
 from tests.reference import attention, check_against_reference, geglu, group_norm_silu
 
@@ -59,7 +59,7 @@ def _custom_ops_in(counter: CompileCounterWithBackend) -> set[str]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", backends.DECOMPOSABLE_OPS)
+@pytest.mark.parametrize("op", registry.decomposable_ops())
 def test_fullgraph_compile_matches_reference_in_each_mode(op, mode):
     fn, reference, inputs = _cases(torch.float32)[op]
     counter = CompileCounterWithBackend("aot_eager")
@@ -124,7 +124,7 @@ def test_eager_calls_ignore_the_compiled_choice():
 def test_routes_per_device_and_op():
     assert backends.forced_compiled() == "auto" and backends.forced_backend() == "auto"
     choice = backends.compiled_choice
-    for op in backends.DECOMPOSABLE_OPS:
+    for op in registry.decomposable_ops():
         assert choice(op, "cpu") == "decompose"
         assert choice(op, "npu", "npu") == "custom_op"  # torch_npu's fused ops
         assert choice(op, "npu", "torch") == "decompose"  # no torch_npu: a custom op would only hide the maths

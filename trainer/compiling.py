@@ -104,10 +104,10 @@ def compile_unet(unet: torch.nn.Module, args: argparse.Namespace, device_type: s
 def compiled_routes(device_type: str) -> dict[str, str]:
     """What the compiled UNet runs for each npu_kernels op (``npu_kernels.backends.compiled_choice``): our
     custom op (its kernel opaque to the compiler) or the plain PyTorch maths the compiler fuses itself."""
-    from npu_kernels import backends  # imports its kernels (seconds): only once training has started
+    from npu_kernels import backends, registry  # imports its kernels (seconds): only once training has started
 
     routes = {"custom_op": "custom op (compiled graph)", "decompose": "plain maths fused by the compiler"}
-    return {op: routes.get(backends.compiled_choice(op, device_type), backends.compiled_choice(op, device_type)) for op in backends.OPS}
+    return {op: routes.get(backends.compiled_choice(op, device_type), backends.compiled_choice(op, device_type)) for op in registry.backend_ops()}
 
 
 def full_batches_only(num_samples: int, batch_size: int) -> int:

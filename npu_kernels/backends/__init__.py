@@ -1,27 +1,31 @@
 """The one place that decides which kernel serves an op.
 
-The backends implement the same kernel contract (see ``reference`` for the contract):
+The backends implement the same kernel contract (see :mod:`.pytorch` for the contract):
 
-* ``torch``  -- plain PyTorch, runs on every device and is the reference maths;
+* ``torch``  -- plain PyTorch (:mod:`.pytorch`), runs on every device and in float64;
 * ``triton`` -- our Triton kernels (``npu_kernels.backends.triton``), meant for CUDA;
 * ``npu``    -- thin adapters over torch_npu's fused ops (``npu_kernels.backends.npu``), for Ascend NPUs;
 * ``sdpa``   -- PyTorch's SDPA, ``auto``'s choice for attention on CUDA (internal, not forceable).
 
 ``auto`` (the default) picks by the tensors' device, walking a priority list and taking the first
-backend that loads and has no ``not_supported_reasons`` for the inputs (the xformers dispatch idea).
-``NPU_KERNELS_BACKEND=torch|triton|npu`` or :func:`use_backend` force one backend: it then runs
-whatever the tensors' device (that is how CI checks Triton kernels on CPU under
-``TRITON_INTERPRET=1`` and the NPU adapters against a stand-in ``torch_npu``), and an error names
-what is missing when it cannot.
+backend that loads and has no ``not_supported_reasons(op, inputs)`` for the op's typed inputs
+(:mod:`npu_kernels.registry`; the xformers dispatch idea). ``NPU_KERNELS_BACKEND=torch|triton|npu``
+or :func:`use_backend` force one backend: it then runs whatever the tensors' device (that is how
+CI checks Triton kernels on CPU under ``TRITON_INTERPRET=1`` and the NPU adapters against a
+stand-in ``torch_npu``), and an error names what is missing when it cannot. The forced choice is a
+``contextvars`` variable: each thread and asyncio task sees its own.
 
 Under ``torch.compile`` an op is either our custom op (running the backend picked above) or its plain
 PyTorch maths, which inductor fuses itself: :func:`compiled_choice` decides per device type and op,
-``NPU_KERNELS_COMPILED=custom_op|decompose`` or :func:`use_compiled` force one.
+``NPU_KERNELS_COMPILED=custom_op|decompose`` or :func:`use_compiled` force one. Both forced choices
+are read while tracing and kept by the compiled graph (dynamo does not guard on a context variable):
+compile inside the block.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -30,12 +34,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-OPS: tuple[str, ...] = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
+from npu_kernels import registry
+
 BACKENDS: tuple[str, ...] = ("torch", "triton", "npu")
 ENV_VAR = "NPU_KERNELS_BACKEND"
 
 _MODULES = {
-    "torch": "npu_kernels.backends.reference",
+    "torch": "npu_kernels.backends.pytorch",
     "triton": "npu_kernels.backends.triton",
     "npu": "npu_kernels.backends.npu",
     "sdpa": "npu_kernels.backends.sdpa",  # internal: auto's choice for attention on CUDA, not forceable
@@ -60,7 +65,7 @@ _AUTO_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
 
 # Under torch.compile, what the compiled graph sees of each op, by device type:
 # * "custom_op" -- our torch.library op, opaque to inductor, running the backend ``select`` picks;
-# * "decompose" -- the op's plain PyTorch maths inline (``npu_kernels.ops._plain_maths``), which
+# * "decompose" -- the op's plain PyTorch maths inline (its spec's ``plain_maths``), which
 #   inductor fuses with its neighbours itself.
 # CUDA: inductor's own GroupNorm+SiLU beat our Triton kernel and SDPA is what attention runs anyway,
 # while our GEGLU beat inductor's (benchmarks/README.md has the numbers). NPU: torch_npu's fused
@@ -78,12 +83,10 @@ _COMPILED_ROUTES: dict[str, dict[str, str]] = {
     "npu": {},
 }
 _COMPILED_DEFAULT = {"cuda": "custom_op", "npu": "custom_op"}  # any other device type: "decompose"
-# Ops that have plain maths to decompose into; any other op stays a custom op under compile.
-DECOMPOSABLE_OPS: tuple[str, ...] = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
 
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
-_functions: dict[tuple[str, str], Callable | None] = {}  # (backend, name) -> function; see function()
+_functions: dict[tuple[str, str], Callable | None] = {}  # (backend, name) -> function; see provided()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -102,14 +105,16 @@ def _check_name(name: str) -> str:
     return _checked(name, BACKENDS, "npu_kernels backend")
 
 
-_forced: str = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+_ENV_BACKEND: str = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+_forced = contextvars.ContextVar("npu_kernels_backend", default=_ENV_BACKEND)
 
 
 def _check_compiled(name: str) -> str:
     return _checked(name, COMPILED_CHOICES, "compiled choice")
 
 
-_compiled_forced: str = _check_compiled(os.environ.get(COMPILED_ENV_VAR, "auto") or "auto")
+_ENV_COMPILED: str = _check_compiled(os.environ.get(COMPILED_ENV_VAR, "auto") or "auto")
+_compiled_forced = contextvars.ContextVar("npu_kernels_compiled", default=_ENV_COMPILED)
 
 
 def load(name: str) -> ModuleType | None:
@@ -148,9 +153,12 @@ def load_error(name: str) -> str | None:
     return _load_errors.get(name)
 
 
+# Under torch.compile: read once while tracing and kept as a constant (dynamo cannot trace
+# ContextVar.get). Eagerly: a plain call.
+@torch.compiler.assume_constant_result
 def forced_backend() -> str:
-    """The backend forced by :func:`use_backend` or ``NPU_KERNELS_BACKEND``; ``"auto"`` if none."""
-    return _forced
+    """The backend forced by :func:`use_backend` or ``NPU_KERNELS_BACKEND`` in this thread/task; ``"auto"`` if none."""
+    return _forced.get()
 
 
 @contextlib.contextmanager
@@ -162,28 +170,40 @@ def use_backend(name: str) -> Iterator[None]:
         with npu_kernels.use_backend("torch"):
             out = npu_kernels.geglu(x)
     """
-    global _forced
-    previous, _forced = _forced, _check_name(name)
+    name = _check_name(name)
+    token = _forced.set(name)
     try:
-        if _forced != "auto" and load(_forced) is None:
-            raise BackendUnavailableError(f"npu_kernels backend {_forced!r} cannot load: {_load_errors[_forced]}")
+        if name != "auto" and load(name) is None:
+            raise BackendUnavailableError(f"npu_kernels backend {name!r} cannot load: {_load_errors[name]}")
         yield
     finally:
-        _forced = previous
+        _forced.reset(token)
 
 
-def not_supported_reasons(name: str, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
+def not_supported_reasons(name: str, op: str, inputs: registry.Inputs) -> list[str]:
     """Why backend ``name`` cannot run ``op`` on these inputs (empty when it can)."""
     module = load(name)
     if module is None:
         return [f"cannot load: {_load_errors[name]}"]
-    return list(module.not_supported_reasons(op, *tensors))
+    return list(module.not_supported_reasons(op, inputs))
 
 
 def auto_candidates(device_type: str, op: str) -> tuple[str, ...]:
     """Backends ``auto`` tries for ``op`` on a device type, best first."""
     by_op = _AUTO_PRIORITY.get(device_type, {})
     return by_op.get(op, by_op.get("default", ("torch",)))
+
+
+def candidates(device_type: str, op: str) -> tuple[str, ...]:
+    """The backends :func:`select` considers for ``op`` on a device type: the forced one, or ``auto``'s list."""
+    forced = forced_backend()
+    return (forced,) if forced != "auto" else auto_candidates(device_type, op)
+
+
+def first_usable(op: str, names: Sequence[str], inputs: registry.Inputs) -> str | None:
+    """The first of ``names`` that serves ``op`` for ``inputs``; ``None`` when none does. The PyTorch
+    path is not asked: it is the fall-back in any case (and refuses only non-floating inputs)."""
+    return next((name for name in names if name == "torch" or not not_supported_reasons(name, op, inputs)), None)
 
 
 # Open count_selections() blocks; select() adds to each (one dict increment per call while any is open).
@@ -229,35 +249,32 @@ def forget_decisions() -> None:
 
 
 def _select(op: str, tensors: Sequence[torch.Tensor | None]) -> str:
-    if _forced != "auto":
-        reasons = not_supported_reasons(_forced, op, tensors)
+    forced = forced_backend()
+    if forced != "auto":
+        reasons = not_supported_reasons(forced, op, registry.OPS[op].inputs(*tensors))
         if reasons:
             raise BackendUnavailableError(
-                f"npu_kernels backend {_forced!r} (forced) cannot run {op}: {'; '.join(reasons)}"
+                f"npu_kernels backend {forced!r} (forced) cannot run {op}: {'; '.join(reasons)}"
             )
-        return _forced
-    candidates = auto_candidates(next(t for t in tensors if t is not None).device.type, op)
-    if candidates[0] == "torch":  # the fallback anyway (the CPU): nothing to decide
+        return forced
+    names = auto_candidates(next(t for t in tensors if t is not None).device.type, op)
+    if names[0] == "torch":  # the fallback anyway (the CPU): nothing to decide
         return "torch"
     if torch.compiler.is_compiling():  # no lookup in a dict dynamo would guard on (and sizes may be symbolic)
-        return _first_usable(candidates, op, tensors)
+        return first_usable(op, names, registry.OPS[op].inputs(*tensors)) or "torch"
     kind = (op, *[None if t is None else (t.device, t.dtype, t.shape) for t in tensors])
     name = _decisions.get(kind)
     if name is None:
         if len(_decisions) >= _MAX_DECISIONS:
             _decisions.clear()
-        name = _decisions[kind] = _first_usable(candidates, op, tensors)
+        name = _decisions[kind] = first_usable(op, names, registry.OPS[op].inputs(*tensors)) or "torch"
     return name
 
 
-def _first_usable(candidates: tuple[str, ...], op: str, tensors: Sequence[torch.Tensor | None]) -> str:
-    """The first candidate without reasons; the PyTorch path, the fallback in any case, is not asked."""
-    return next((name for name in candidates if name == "torch" or not not_supported_reasons(name, op, tensors)), "torch")
-
-
+@torch.compiler.assume_constant_result  # see forced_backend
 def forced_compiled() -> str:
-    """The compiled choice forced by :func:`use_compiled` or ``NPU_KERNELS_COMPILED``; ``"auto"`` if none."""
-    return _compiled_forced
+    """The compiled choice forced by :func:`use_compiled` or ``NPU_KERNELS_COMPILED`` in this thread/task; ``"auto"`` if none."""
+    return _compiled_forced.get()
 
 
 @contextlib.contextmanager
@@ -270,12 +287,11 @@ def use_compiled(name: str) -> Iterator[None]:
         with npu_kernels.backends.use_compiled("custom_op"):
             loss = torch.compile(unet)(**inputs).sample.mean()
     """
-    global _compiled_forced
-    previous, _compiled_forced = _compiled_forced, _check_compiled(name)
+    token = _compiled_forced.set(_check_compiled(name))
     try:
         yield
     finally:
-        _compiled_forced = previous
+        _compiled_forced.reset(token)
 
 
 def compiled_choice(op: str, device_type: str, backend: str | None = None) -> str:
@@ -286,11 +302,13 @@ def compiled_choice(op: str, device_type: str, backend: str | None = None) -> st
     ``"torch"``, what :func:`select` picked) would only hide plain maths from inductor. Ops without
     plain maths are always custom ops.
     """
-    if op not in DECOMPOSABLE_OPS:
+    spec = registry.OPS.get(op)
+    if spec is None or spec.plain_maths is None:
         return "custom_op"
-    if _compiled_forced != "auto":
-        return _compiled_forced
-    if _forced != "auto":
+    forced = forced_compiled()
+    if forced != "auto":
+        return forced
+    if forced_backend() != "auto":
         return "custom_op"
     if backend == "torch":
         return "decompose"
@@ -298,7 +316,7 @@ def compiled_choice(op: str, device_type: str, backend: str | None = None) -> st
     return routes.get(op, _COMPILED_DEFAULT.get(device_type, "decompose"))
 
 
-def kernels(name: str) -> ModuleType:
+def kernel_module(name: str) -> ModuleType:
     """The loaded kernel module of a backend (it must have loaded: see :func:`select`)."""
     module = load(name)
     if module is None:
@@ -306,16 +324,27 @@ def kernels(name: str) -> ModuleType:
     return module
 
 
-def function(backend: str, name: str) -> Callable | None:
-    """The function ``name`` of a backend's kernel module, ``None`` where it has none; looked up
-    once per process (not while compiling: dynamo would guard on the cache).
+def kernel(backend: str, name: str) -> Callable:
+    """The kernel function ``name`` (e.g. ``"geglu_forward"``) of a backend, or the PyTorch path's
+    when the backend has none. The fall-back is how e.g. the NPU backend gets GroupNorm+SiLU's
+    backward: torch_npu has a fused forward but no registered backward, so ours runs from the
+    statistics the NPU forward saved."""
+    fn = provided(backend, name)
+    return fn if fn is not None else provided("torch", name)
+
+
+def provided(backend: str, name: str) -> Callable | None:
+    """The function ``name`` of a backend's kernel module, ``None`` where it has none (no
+    fall-back): e.g. an op under its own name, autograd-complete (torch_npu's fused attention and
+    GEGLU register their backward), which the op then calls as is. Looked up once per process (not
+    while compiling: dynamo would guard on the cache).
 
     Only callables count: a backend package may well have a submodule named after an op.
     """
     compiling = torch.compiler.is_compiling()
     if not compiling and (backend, name) in _functions:
         return _functions[(backend, name)]
-    fn = getattr(kernels(backend), name, None)
+    fn = getattr(kernel_module(backend), name, None)
     fn = fn if callable(fn) else None
     if not compiling:
         _functions[(backend, name)] = fn
@@ -324,7 +353,7 @@ def function(backend: str, name: str) -> Callable | None:
 
 def _preload() -> None:
     """Import the backends this process can use now, so that ``torch.compile`` never traces an import."""
-    names = {"torch", "sdpa", _forced} - {"auto"}  # sdpa: auto's attention on the CPU and CUDA
+    names = {"torch", "sdpa", forced_backend()} - {"auto"}  # sdpa: auto's attention on the CPU and CUDA
     if torch.cuda.is_available():
         names.add("triton")
     if importlib.util.find_spec("torch_npu") is not None:

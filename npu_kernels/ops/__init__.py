@@ -1,5 +1,6 @@
-"""The public ops, one file each: API, ``torch.library`` custom op (fake impl + autograd) and the
-eager ``autograd.Function``. Which kernel runs is decided in :mod:`npu_kernels.backends`."""
+"""The public ops, one file each, each declared once as a spec (:class:`npu_kernels.registry.OpSpec`)
+from which ``_build.py`` generates its ``torch.library`` custom op (fake impl + autograd), its eager
+path and its dispatch. Which kernel runs is decided in :mod:`npu_kernels.backends`."""
 from npu_kernels.ops.cross_attention import cross_attention
 from npu_kernels.ops.flash_attention import flash_attention
 from npu_kernels.ops.geglu import geglu, geglu_projection

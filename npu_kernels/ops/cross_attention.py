@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV, register, run
+from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV, attention_op
 
 Tensor = torch.Tensor
 
-_REGISTERED = register("cross_attention")
+_CROSS_ATTENTION = attention_op("cross_attention", max_kv=CROSS_ATTENTION_MAX_KV)
 
 
 def cross_attention(
@@ -18,8 +18,4 @@ def cross_attention(
     Same arguments, maths and result; backends may hold all of K/V in one block (no online-softmax
     loop). No rotary embeddings.
     """
-    if k.dim() == 4 and k.shape[2] > CROSS_ATTENTION_MAX_KV:
-        raise ValueError(
-            f"cross_attention: key/value length {k.shape[2]} exceeds {CROSS_ATTENTION_MAX_KV}; use flash_attention"
-        )
-    return run("cross_attention", _REGISTERED, q, k, v, attn_mask, scale)
+    return _CROSS_ATTENTION(q, k, v, attn_mask, scale)

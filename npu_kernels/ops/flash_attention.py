@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from npu_kernels.ops._attention import register, run
+from npu_kernels.ops._attention import attention_op
 
 Tensor = torch.Tensor
 
-_REGISTERED = register("flash_attention")
+_FLASH_ATTENTION = attention_op("flash_attention")
 
 
 def flash_attention(
@@ -25,4 +25,4 @@ def flash_attention(
     Returns:
         ``[B, H, Sq, Dv]`` of q's dtype. The backward saves only the output and the logsumexp.
     """
-    return run("flash_attention", _REGISTERED, q, k, v, attn_mask, scale)
+    return _FLASH_ATTENTION(q, k, v, attn_mask, scale)

@@ -5,59 +5,34 @@ import torch
 import torch.nn.functional as F
 
 from npu_kernels import backends
-from npu_kernels.ops._dispatch import autocast_operands, compiled_plain_maths, direct, kernel, needs_grad, tracing
+from npu_kernels.backends import pytorch
+from npu_kernels.ops._build import autocast_operands, build, needs_grad, tracing
+from npu_kernels.registry import GegluInputs, OpSpec
 
 Tensor = torch.Tensor
 _APPROXIMATIONS = ("none", "tanh")
 
 
-@torch.library.custom_op("npu_kernels::geglu", mutates_args=())
-def _geglu(x: Tensor, approximate: str, backend: str) -> Tensor:
-    return kernel(backend, "geglu_forward")(x, approximate)
+def _validate(x: Tensor, approximate: str) -> tuple:
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"geglu: approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"geglu: the last dimension must be even (2*H), got shape {tuple(x.shape)}")
+    return x, approximate
 
 
-@_geglu.register_fake
-def _(x: Tensor, approximate: str, backend: str) -> Tensor:
-    return x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,))
-
-
-@torch.library.custom_op("npu_kernels::geglu_backward", mutates_args=())
-def _geglu_backward(grad_out: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
-    return kernel(backend, "geglu_backward")(grad_out, x, approximate)
-
-
-@_geglu_backward.register_fake
-def _(grad_out: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
-    return torch.empty_like(x)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, ctx.approximate, ctx.backend = inputs
-    ctx.save_for_backward(x)  # the input is all the backward needs: GELU is recomputed
-
-
-def _backward(ctx, grad_out: Tensor):
-    (x,) = ctx.saved_tensors
-    return _geglu_backward(grad_out, x, ctx.approximate, ctx.backend), None, None
-
-
-_geglu.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerGeglu(torch.autograd.Function):
-    """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, approximate: str, backend: str) -> Tensor:
-        # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
-        out = kernel(backend, "geglu_forward")(x, approximate)
-        _setup_context(ctx, (x, approximate, backend), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
-        return kernel(ctx.backend, "geglu_backward")(grad_out, x, ctx.approximate), None, None
+_GEGLU = build(OpSpec(
+    name="geglu",
+    inputs=GegluInputs,
+    schema="(Tensor x, str approximate) -> Tensor out",
+    forward_kernel="geglu_forward",
+    backward_kernel="geglu_backward",
+    backward_schema="(Tensor grad_out, Tensor x, str approximate) -> Tensor grad_x",
+    saves=("x",),  # the input is all the backward needs: GELU is recomputed
+    validate=_validate,
+    fake=lambda x, approximate, backend: x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,)),
+    plain_maths=pytorch.geglu_forward,  # the PyTorch kernel is plain differentiable maths already
+))
 
 
 def geglu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -70,22 +45,7 @@ def geglu(x: Tensor, approximate: str = "none") -> Tensor:
     Returns:
         ``[..., H]`` tensor of ``x``'s dtype.
     """
-    if approximate not in _APPROXIMATIONS:
-        raise ValueError(f"geglu: approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
-    if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"geglu: the last dimension must be even (2*H), got shape {tuple(x.shape)}")
-    if tracing():
-        if (plain := compiled_plain_maths("geglu", x)) is not None:
-            return plain(x, approximate)
-        backend = backends.select("geglu", x)
-        fused = direct(backend, "geglu")
-        return fused(x, approximate) if fused is not None else _geglu(x, approximate, backend)
-    backend = backends.select("geglu", x)
-    if (fused := direct(backend, "geglu")) is not None:
-        return fused(x, approximate)
-    if not needs_grad(x):
-        return kernel(backend, "geglu_forward")(x, approximate)
-    return _EagerGeglu.apply(x, approximate, backend)
+    return _GEGLU(x, approximate)
 
 
 # ------------------------------------------------------------------- with its frozen projection
@@ -103,8 +63,8 @@ class _EagerGegluProjection(torch.autograd.Function):
         x, weight, bias = autocast_operands(x, weight, bias)
         projection = F.linear(x, weight, bias)
         ctx.backend = backends.select("geglu", projection)
-        fused = direct(ctx.backend, "geglu")  # e.g. torch_npu's npu_geglu (grad mode is off in here)
-        out = fused(projection, approximate) if fused is not None else kernel(ctx.backend, "geglu_forward")(projection, approximate)
+        fused = backends.provided(ctx.backend, "geglu")  # e.g. torch_npu's npu_geglu (grad mode is off in here)
+        out = fused(projection, approximate) if fused is not None else backends.kernel(ctx.backend, "geglu_forward")(projection, approximate)
         ctx.approximate = approximate
         ctx.save_for_backward(x, weight, bias)
         return out
@@ -113,7 +73,7 @@ class _EagerGegluProjection(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
         projection = F.linear(x, weight, bias)  # the forward's GEMM again
-        grad_projection = kernel(ctx.backend, "geglu_backward")(grad_out, projection, ctx.approximate)
+        grad_projection = backends.kernel(ctx.backend, "geglu_backward")(grad_out, projection, ctx.approximate)
         grad_x = torch.matmul(grad_projection, weight)
         return (grad_x if grad_x.dtype == ctx.input_dtype else grad_x.to(ctx.input_dtype)), None, None, None
 

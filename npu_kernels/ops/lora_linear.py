@@ -7,122 +7,28 @@ base output through ``addmm_``'s ``alpha``) and five backward (scales folded int
 and saves ``x`` once plus the rank-r ``x Aᵀ``.
 
 There is no backend choice: ATen's GEMMs (cuBLAS, oneDNN, Ascend's matmul) serve every device, so
-the op skips :mod:`npu_kernels.backends` and its per-call selection entirely.
+the op runs the PyTorch backend's ``lora_linear_forward``/``lora_linear_backward`` without any
+per-call selection.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from npu_kernels.ops._dispatch import needs_grad, tracing
+from npu_kernels.backends.pytorch import _as_2d
+from npu_kernels.ops._build import autocast_operands, build, needs_grad
+from npu_kernels.registry import LoraLinearInputs, OpSpec
 
 Tensor = torch.Tensor
 
 
-# ----------------------------------------------------------------------------------- the maths
-def _as_2d(t: Tensor) -> Tensor:
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+def _validate(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float) -> tuple:
+    # Under autocast every operand is cast first, outside the autograd node: the casts' backward
+    # returns each gradient in its parameter's dtype.
+    x, weight, bias, lora_A, lora_B = autocast_operands(x, weight, bias, lora_A, lora_B)
+    _check(x, weight, bias, lora_A, lora_B)
+    return x, weight, bias, lora_A, lora_B, float(scale)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float):
-    """``(out, x as 2-D, x Aᵀ)``: three GEMMs, the LoRA update accumulated into the base output in place."""
-    x2d = _as_2d(x)
-    out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
-    xa = torch.mm(x2d, lora_A.t())
-    out.addmm_(xa, lora_B.t(), alpha=scale)
-    return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), x2d, xa
-
-
-def _backward(
-    grad_out: Tensor, x2d: Tensor, x_shape: torch.Size, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-    scale: float, needs: tuple[bool, bool, bool, bool, bool],
-):
-    """Gradients for (x, weight, bias, lora_A, lora_B); ``None`` where ``needs`` says no.
-
-    With ``u = grad · B``: grad x = grad·W + scale·u·A, grad A = scale·uᵀ·x, grad B = scale·gradᵀ·(x Aᵀ).
-    ``addmm`` with ``beta=0`` ignores its first argument (any tensor of the output's shape), which
-    folds the scale into the GEMM without a separate multiply.
-    """
-    need_x, need_w, need_b, need_a, need_bb = needs
-    g2d = _as_2d(grad_out)
-    grad_x = grad_w = grad_b = grad_a = grad_bb = None
-    if need_x or need_a:
-        u = torch.mm(g2d, lora_B)
-        if need_x:
-            grad_x = torch.mm(g2d, weight).addmm_(u, lora_A, alpha=scale)
-            grad_x = grad_x if len(x_shape) == 2 else grad_x.view(x_shape)
-        if need_a:
-            grad_a = torch.addmm(lora_A, u.t(), x2d, beta=0, alpha=scale)
-    if need_bb:
-        grad_bb = torch.addmm(lora_B, g2d.t(), xa, beta=0, alpha=scale)
-    if need_w:  # an unfrozen base weight (not the LoRA recipe, but the op stays correct)
-        grad_w = torch.mm(g2d.t(), x2d)
-    if need_b:
-        grad_b = g2d.sum(0)
-    return grad_x, grad_w, grad_b, grad_a, grad_bb
-
-
-# ------------------------------------------------------------------- custom op (compile/export)
-@torch.library.custom_op("npu_kernels::lora_linear", mutates_args=())
-def _lora_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    out, _x2d, xa = _forward(x, weight, bias, lora_A, lora_B, scale)
-    return out, xa
-
-
-@_lora_linear.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_A.shape[0]))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, ctx.scale = inputs
-    _out, xa = output
-    ctx.has_bias = bias is not None
-    # x once and the rank-r x·Aᵀ; the weights are resident anyway.
-    ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-    ctx.mark_non_differentiable(xa)
-
-
-def _needs(ctx) -> tuple[bool, bool, bool, bool, bool]:
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    return need_x, need_w, need_b and ctx.has_bias, need_a, need_bb
-
-
-def _custom_backward(ctx, grad_out: Tensor, _grad_xa):
-    x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-    # Plain ATen ops: under torch.compile they are traced, and the compiler may fuse around them.
-    grads = _backward(grad_out, _as_2d(x), x.shape, xa, weight, lora_A, lora_B, ctx.scale, _needs(ctx))
-    return *grads, None
-
-
-_lora_linear.register_autograd(_custom_backward, setup_context=_setup_context)
-
-
-# -------------------------------------------------------------------------------- eager path
-class _EagerLoraLinear(torch.autograd.Function):
-    """The custom op's maths and saved tensors, for eager calls (see ``_dispatch.tracing``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
-        # ctx-style forward: a separate setup_context makes apply() bind arguments with inspect.
-        out, x2d, xa = _forward(x, weight, bias, lora_A, lora_B, scale)
-        ctx.scale, ctx.has_bias, ctx.x_shape = scale, bias is not None, x.shape
-        # x as the 2-D matrix the GEMMs read (a view of x unless x needed a copy to flatten).
-        ctx.save_for_backward(x2d, xa, weight, lora_A, lora_B)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x2d, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        grads = _backward(grad_out, x2d, ctx.x_shape, xa, weight, lora_A, lora_B, ctx.scale, _needs(ctx))
-        return *grads, None
-
-
-# ---------------------------------------------------------------------------------- public op
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> None:
     if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(
@@ -161,11 +67,36 @@ def _shapes(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     )
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+def _fake(x, weight, bias, lora_A, lora_B, scale):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_A.shape[0]))
+
+
+_LORA_LINEAR = build(OpSpec(
+    name="lora_linear",
+    inputs=LoraLinearInputs,
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale)"
+        " -> (Tensor out, Tensor xa)"
+    ),
+    forward_kernel="lora_linear_forward",
+    backward_kernel="lora_linear_backward",
+    backward_schema=(
+        "(Tensor grad_out, Tensor x_2d, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scale,"
+        " bool[] needs_input_grad)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_A, Tensor grad_lora_B)"
+    ),
+    # x once (as the 2-D matrix the GEMMs read) and the rank-r x·Aᵀ; the weights are resident anyway.
+    saves=("x_2d", "xa", "weight", "lora_A", "lora_B"),
+    kernel_returns=("out", "xa", "x_2d"),
+    custom_op_saves=("x", "xa", "weight", "lora_A", "lora_B"),  # a custom op's outputs cannot alias x
+    validate=_validate,
+    fake=_fake,
+    fixed_backend="torch",
+    backward_is_custom_op=False,  # plain ATen GEMMs: under torch.compile the compiler may fuse around them
+))
+# The custom op (what torch.compile sees), for opcheck.
+_lora_linear = _LORA_LINEAR.custom_op
 
 
 def lora_linear(
@@ -185,19 +116,7 @@ def lora_linear(
         ``F.linear`` and PEFT's LoRA layers are); otherwise all dtypes must match. The backward
         keeps ``x`` and the rank-r ``x Aᵀ`` only.
     """
-    if (dtype := _autocast_dtype(x)) is not None:
-        # Casts outside the autograd node: their backward returns each gradient in its parameter's dtype.
-        # float64 stays float64, as autocast leaves it.
-        x, weight, lora_A, lora_B = (t if t.dtype in (dtype, torch.float64) else t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        if bias is not None and bias.dtype not in (dtype, torch.float64):
-            bias = bias.to(dtype)
-    _check(x, weight, bias, lora_A, lora_B)
-    scale = float(scale)
-    if tracing():
-        return _lora_linear(x, weight, bias, lora_A, lora_B, scale)[0]
-    if not needs_grad(x, weight, bias, lora_A, lora_B):
-        return _forward(x, weight, bias, lora_A, lora_B, scale)[0]
-    return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scale)
+    return _LORA_LINEAR(x, weight, bias, lora_A, lora_B, scale)
 
 
 # ------------------------------------------------------------- projections sharing one input
@@ -279,10 +198,10 @@ def lora_linear_shared_input(
     Every base weight and bias must be frozen (no gradient); under autocast the operands are cast
     as :func:`lora_linear` casts them. ``x`` is cast once and saved once.
     """
-    if (dtype := _autocast_dtype(x)) is not None:
-        cast = lambda t: t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype)  # noqa: E731
-        x = cast(x)
-        layers = [(cast(w), cast(b), cast(A), cast(B), s) for w, b, A, B, s in layers]
+    if torch.is_autocast_enabled(x.device.type):
+        flat = autocast_operands(x, *[t for w, b, A, B, _s in layers for t in (w, b, A, B)])
+        x = flat[0]
+        layers = [(*flat[1 + 4 * i : 5 + 4 * i], s) for i, (*_p, s) in enumerate(layers)]
     for weight, bias, lora_A, lora_B, _scale in layers:
         _check(x, weight, bias, lora_A, lora_B)
         if weight.requires_grad or (bias is not None and bias.requires_grad):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import npu_kernels
-from npu_kernels import backends
-from npu_kernels.backends import reference as torch_path
+from npu_kernels import backends, registry
+from npu_kernels.backends import pytorch as torch_path
 from tests import reference
 
 RELEASES = tuple(json.loads((Path(__file__).resolve().parents[1] / "torch_npu_standin" / "torch_npu_schemas.json").read_text(encoding="utf-8"))["releases"])
@@ -334,7 +334,7 @@ def test_other_additive_masks_never_reach_torch_npu_as_pse(env, dtype):
 def test_float_masks_under_torch_compile_say_why(env, monkeypatch):
     q = randn(1, 2, 3, 8, dtype=torch.float16)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    reasons = env.npu.not_supported_reasons("flash_attention", q, q, q, torch.zeros(3, dtype=torch.float16))
+    reasons = _reasons(env, "flash_attention", q, q, q, torch.zeros(3, dtype=torch.float16))
     assert any("only boolean masks" in r for r in reasons)
 
 
@@ -398,8 +398,8 @@ def test_compiled_training_runs_the_graph_mode_op(env, compiling, dtype):
 def test_compiled_attention_on_a_release_without_the_graph_mode_op_says_why(env, compiling):
     q = randn(1, 2, 3, 8, dtype=torch.float16)
     with env.torch_npu.use_release("2.6.0.post5"):
-        assert any("npu_fusion_attention_v3" in r for r in env.npu.not_supported_reasons("flash_attention", q, q, q, None))
-    assert env.npu.not_supported_reasons("flash_attention", q, q, q, None) == []
+        assert any("npu_fusion_attention_v3" in r for r in _reasons(env, "flash_attention", q, q, q, None))
+    assert _reasons(env, "flash_attention", q, q, q, None) == []
 
 
 def test_a_fully_masked_row_asks_for_the_invalid_row_computation(env):
@@ -413,6 +413,12 @@ def test_a_fully_masked_row_asks_for_the_invalid_row_computation(env):
 
 
 # ---------------------------------------------------------------------------- not_supported_reasons
+def _reasons(env, op, *tensors):
+    """The NPU backend's reasons for ``op`` on these tensors (the op's typed inputs; GEGLU's for an unknown op)."""
+    inputs = registry.OPS[op].inputs if op in registry.OPS else registry.GegluInputs
+    return env.npu.not_supported_reasons(op, inputs(*tensors))
+
+
 def _attention_inputs(dtype=torch.bfloat16, d=64, mask=None):
     q = torch.randn(1, 2, 8, d, dtype=dtype)
     return q, torch.randn(1, 2, 77, d, dtype=dtype), torch.randn(1, 2, 77, d, dtype=dtype), mask
@@ -429,7 +435,7 @@ def _attention_inputs(dtype=torch.bfloat16, d=64, mask=None):
     ],
 )
 def test_supported_inputs_have_no_reasons(env, op, inputs):
-    assert env.npu.not_supported_reasons(op, *inputs) == []
+    assert _reasons(env, op, *inputs) == []
 
 
 @pytest.mark.parametrize(
@@ -448,33 +454,33 @@ def test_supported_inputs_have_no_reasons(env, op, inputs):
     ],
 )
 def test_unsupported_inputs_say_why(env, op, inputs, needle):
-    reasons = env.npu.not_supported_reasons(op, *inputs)
+    reasons = _reasons(env, op, *inputs)
     assert any(needle in r for r in reasons), reasons
 
 
 def test_float32_attention_on_a_release_without_it_falls_back_with_a_reason(env, monkeypatch):
     monkeypatch.setattr(env.torch_npu, "SUPPORTS_FP32_ATTENTION", False)
     env.npu.reset_capability_cache()
-    reasons = env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32))
+    reasons = _reasons(env, "flash_attention", *_attention_inputs(torch.float32))
     assert len(reasons) == 1 and "float32 attention is not supported" in reasons[0], reasons
-    assert env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.bfloat16)) == []
+    assert _reasons(env, "flash_attention", *_attention_inputs(torch.bfloat16)) == []
     probes = len(env.torch_npu.calls("npu_fusion_attention"))
-    env.npu.not_supported_reasons("cross_attention", *_attention_inputs(torch.float32))
+    _reasons(env, "cross_attention", *_attention_inputs(torch.float32))
     assert len(env.torch_npu.calls("npu_fusion_attention")) == probes, "the probe result is cached"
     monkeypatch.setenv(env.npu.FP32_ATTENTION_ENV, "1")
-    assert env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32)) == []
+    assert _reasons(env, "flash_attention", *_attention_inputs(torch.float32)) == []
 
 
 def test_float32_attention_can_be_switched_off(env, monkeypatch):
     monkeypatch.setenv(env.npu.FP32_ATTENTION_ENV, "0")
-    reasons = env.npu.not_supported_reasons("flash_attention", *_attention_inputs(torch.float32))
+    reasons = _reasons(env, "flash_attention", *_attention_inputs(torch.float32))
     assert any(env.npu.FP32_ATTENTION_ENV in r for r in reasons), reasons
 
 
 def test_meta_tensors_are_not_probed(env):
     env.npu.reset_capability_cache()
     meta = tuple(t.to("meta") for t in _attention_inputs(torch.float32)[:3]) + (None,)
-    assert env.npu.not_supported_reasons("flash_attention", *meta) == []
+    assert _reasons(env, "flash_attention", *meta) == []
     assert env.torch_npu.CALLS == []
 
 
@@ -707,7 +713,7 @@ def older_chip(env, monkeypatch):
 
 def test_bfloat16_is_refused_with_a_reason_on_a_chip_before_a2(env, older_chip):
     x = torch.randn(2, 8, 4, dtype=torch.bfloat16)
-    reasons = env.npu.not_supported_reasons("geglu", x)
+    reasons = _reasons(env, "geglu", x)
     assert any("Ascend910A" in r and "bfloat16" in r for r in reasons), reasons
     with npu_kernels.use_backend("npu"), pytest.raises(npu_kernels.BackendUnavailableError, match="Ascend910A"):
         npu_kernels.geglu(x)
@@ -727,7 +733,7 @@ def test_ops_documented_for_a2_only_are_not_used_on_other_training_chips(env, mo
         ("group_norm_silu", (x, None, None), "npu_group_norm_silu"),
         ("flash_attention", (q, q, q, None), "npu_fusion_attention"),
     ):
-        reasons = env.npu.not_supported_reasons(op, *tensors)
+        reasons = _reasons(env, op, *tensors)
         assert any(chip in r and torch_npu_op in r for r in reasons), (op, reasons)
         with npu_kernels.use_backend("auto"):  # falls back (to the PyTorch path or SDPA)
             assert backends.select(op, *tensors) != "npu"
@@ -743,7 +749,7 @@ def test_the_atlas_inference_series_runs_npu_group_norm_silu_not_swish(env, monk
     monkeypatch.setattr(_gn_module(), "HAS_GROUP_NORM_SWISH", True)  # present in torch_npu, not on this chip
     env.npu.reset_capability_cache()
     x = randn(2, 8, 4, dtype=torch.float16)
-    assert env.npu.not_supported_reasons("group_norm_silu", x, None, None) == []
+    assert _reasons(env, "group_norm_silu", x, None, None) == []
     with npu_kernels.use_backend("npu"), env.torch_npu.emulated_device():
         npu_kernels.group_norm_silu(x, 2).sum().backward()
     assert env.torch_npu.calls("npu_group_norm_silu") and not env.torch_npu.calls("npu_group_norm_swish")
@@ -790,7 +796,7 @@ def test_head_dims_npu_fusion_attention_refuses_fall_back_under_auto(env, monkey
     v_narrow = randn(1, 2, 6, 8, dtype=torch.float16)
     assert backends.select("flash_attention", q, k, k, None) == "npu"
     assert backends.select("flash_attention", q, k, v_narrow, None) == "torch"
-    assert any("key and value of one shape" in r for r in env.npu.not_supported_reasons("flash_attention", q, k, v_narrow, None))
+    assert any("key and value of one shape" in r for r in _reasons(env, "flash_attention", q, k, v_narrow, None))
     out = npu_kernels.flash_attention(q, k, v_narrow)
     assert out.shape == (1, 2, 4, 8) and not env.torch_npu.calls("npu_fusion_attention")
 
@@ -815,7 +821,7 @@ def test_every_adapter_call_binds_the_schema_of_every_supported_release(env, mon
         with monkeypatch.context() as compiled:
             compiled.setattr(torch.compiler, "is_compiling", lambda: True)
             has_v3 = "npu_fusion_attention_v3" in env.torch_npu.SCHEMAS["releases"][release]["schemas"]
-            assert (env.npu.not_supported_reasons("flash_attention", q, k, v, None) == []) == has_v3
+            assert (_reasons(env, "flash_attention", q, k, v, None) == []) == has_v3
             if has_v3:
                 env.npu.flash_attention(q, k, v, None, 0.3).sum().backward()
     called = {c["name"] for c in env.torch_npu.CALLS}

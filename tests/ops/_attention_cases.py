@@ -65,7 +65,7 @@ def check_public_op(op, q, k, v, attn_mask, dtype, what, scale=None):
 def check_kernel_contract(backend, op, q, k, v, attn_mask, scale=None):
     """``<op>_forward`` gives float32 ``lse`` [B, H, Sq]; ``<op>_backward`` the three gradients in
     the inputs' dtypes: each against float64 maths. ``attn_mask``: ``None`` or additive 4-D."""
-    module = backends.kernels(backend)
+    module = backends.kernel_module(backend)
     dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k, v = (t.detach() for t in (q, k, v))

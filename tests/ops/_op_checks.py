@@ -40,6 +40,6 @@ def check_eager_matches_custom_op(public_call: Callable, custom_op, args: Sequen
 def serves_through_custom_op(backend: str, op: str) -> bool:
     """False when the backend serves ``op`` with its own autograd-complete function (the NPU
     backend's geglu and cross_attention): our custom op is then not what runs."""
-    from npu_kernels.ops._dispatch import direct
+    from npu_kernels import backends
 
-    return direct(backend, op) is None
+    return backends.provided(backend, op) is None

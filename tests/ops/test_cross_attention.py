@@ -84,7 +84,7 @@ def test_sdpa_backend_matches_reference():
         lambda q, k, v: reference.attention(q, k, v, keep, scale=0.25),
         [q, k, v], torch.float32, "sdpa",
     )
-    assert sdpa_backend.not_supported_reasons("geglu", q) == ["sdpa serves attention only, not geglu"]
+    assert sdpa_backend.not_supported_reasons("geglu", npu_kernels.registry.GegluInputs(q)) == ["sdpa serves attention only, not geglu"]
 
 
 def test_refuses_long_key_value():

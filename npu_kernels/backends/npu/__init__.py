@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 import torch_npu  # noqa: F401  (needs CANN; the dispatcher reports an import failure)
 
-from npu_kernels import backends
+from npu_kernels import backends, registry
 from npu_kernels.backends.npu import flash_attention as _flash_attention_module
 from npu_kernels.backends.npu import geglu as _geglu_module
 from npu_kernels.backends.npu import group_norm_silu as _group_norm_silu_module
-from npu_kernels.backends.npu._common import FUSED_DTYPES, dtype_reasons, reset_chip_cache
+from npu_kernels.backends.npu._common import FUSED_DTYPES, reset_chip_cache
 from npu_kernels.backends.npu.cross_attention import cross_attention
 from npu_kernels.backends.npu.flash_attention import (
     FP32_ATTENTION_ENV,
@@ -55,8 +55,6 @@ from npu_kernels.backends.npu.group_norm_silu import (
 )
 
 Tensor = torch.Tensor
-
-OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention", "lora_linear")
 
 __all__ = [
     "FP32_ATTENTION_ENV", "FUSED_DTYPES", "GELU_APPROXIMATE", "HAS_GROUP_NORM_SWISH", "MAX_HEAD_DIM",
@@ -86,23 +84,13 @@ def configure_npu_for_training() -> None:
     npu.config.allow_internal_format = False
 
 
-def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
-    """Why this backend cannot serve ``op`` for these inputs (empty when it can).
-
-    Tensor order as the dispatcher passes them: geglu ``(x,)``; group_norm_silu
-    ``(x, weight, bias)``; attention ``(q, k, v, attn_mask)``. The tensors' device is not checked:
-    a forced backend runs on whatever device the tensors are on.
-    """
-    if op not in OPS:
-        return [f"the npu backend has no op {op!r}"]
-    if not tensors or tensors[0] is None:
-        return [f"{op}: no input tensor"]
+def not_supported_reasons(op: str, inputs: registry.Inputs) -> list[str]:
+    """Why this backend cannot serve ``op`` for these inputs (empty when it can). The tensors'
+    device is not checked: a forced backend runs on whatever device the tensors are on."""
     if op == "geglu":
-        return _geglu_module.not_supported_reasons(tensors[0])
+        return _geglu_module.not_supported_reasons(inputs.x)
     if op == "group_norm_silu":
-        return _group_norm_silu_module.not_supported_reasons(*tensors)
-    if op == "lora_linear":
-        # No torch_npu operator: the PyTorch path's ATen GEMMs (addmm with alpha) are the NPU kernels.
-        return dtype_reasons("lora_linear input", [t for t in tensors if t is not None][:1])
-    q, k, v, mask = (tuple(tensors) + (None, None, None))[:4]
-    return _flash_attention_module.not_supported_reasons(q, k, v, mask)
+        return _group_norm_silu_module.not_supported_reasons(inputs.x, inputs.weight, inputs.bias)
+    if op in ("flash_attention", "cross_attention"):
+        return _flash_attention_module.not_supported_reasons(inputs.q, inputs.k, inputs.v, inputs.attn_mask)
+    return [f"the npu backend has no op {op!r}"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch_npu
 
-from npu_kernels.backends import reference
+from npu_kernels.backends import pytorch
 from npu_kernels.backends.npu._common import chip_reasons, dtype_reasons
 
 Tensor = torch.Tensor
@@ -80,7 +80,7 @@ def group_norm_silu_backward(
     """The PyTorch path's backward with every operand of ``native_group_norm_backward`` in the
     gradient's dtype (aclnnGroupNormBackward's rule), whatever dtype the statistics came in."""
     dtype = grad_out.dtype
-    return reference.group_norm_silu_backward_in(
+    return pytorch.group_norm_silu_backward_in(
         dtype, grad_out, x, weight, bias, mean.to(dtype), rstd.to(dtype), num_groups
     )
 

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from npu_kernels import registry
 from npu_kernels.backends.triton import cross_attention as _cross_attention
 from npu_kernels.backends.triton import flash_attention as _flash_attention
 from npu_kernels.backends.triton import geglu as _geglu
@@ -37,7 +38,6 @@ __all__ = [
     "not_supported_reasons", "interpreting",
 ]
 
-OPS = ("geglu", "group_norm_silu", "flash_attention", "cross_attention")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -46,7 +46,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _common_reasons(data: list[Tensor], others: list[Tensor]) -> list[str]:
+def _common_reasons(data: tuple[Tensor, ...], others: tuple[Tensor, ...]) -> list[str]:
     """Dtype checks on the data tensors; device checks on every tensor.
 
     ``others`` (affine parameters, attention masks) only need to be on the same device: the kernels
@@ -63,7 +63,7 @@ def _common_reasons(data: list[Tensor], others: list[Tensor]) -> list[str]:
     for t in others:
         if t.dtype != torch.bool and not t.is_floating_point():
             reasons.append(f"dtype {t.dtype} not supported for parameters / masks")
-    everything = data + others
+    everything = (*data, *others)
     for device in dict.fromkeys(t.device.type for t in everything):
         if device not in ("cuda", "meta") and not interp:  # meta: a report describing a CUDA device
             reasons.append(f"device {device}: the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
@@ -72,24 +72,16 @@ def _common_reasons(data: list[Tensor], others: list[Tensor]) -> list[str]:
     return reasons
 
 
-def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
-    """Why this backend cannot serve ``op`` for these inputs; an empty list means it can.
-
-    ``tensors`` are the op's tensor inputs in contract order (``None`` for an absent optional one):
-    ``geglu(x)``, ``group_norm_silu(x, weight, bias)``, ``*_attention(q, k, v, attn_mask)``.
-    """
-    if op not in OPS:
-        return [f"unknown op {op!r} for the Triton backend"]
-    num_data = {"geglu": 1, "group_norm_silu": 1}.get(op, 3)  # x, or q/k/v
-    data = [t for t in tensors[:num_data] if t is not None]
-    others = [t for t in tensors[num_data:] if t is not None]
-    reasons = _common_reasons(data, others)
+def not_supported_reasons(op: str, inputs: registry.Inputs) -> list[str]:
+    """Why this backend cannot serve ``op`` for these inputs; an empty list means it can."""
     if op == "geglu":
-        reasons += _geglu.not_supported_reasons(*tensors)
-    elif op == "group_norm_silu":
-        reasons += _group_norm_silu.not_supported_reasons(*tensors)
-    else:
-        reasons += _flash_attention.not_supported_reasons(*tensors)
+        return _common_reasons(inputs.data, inputs.others) + _geglu.not_supported_reasons(inputs.x)
+    if op == "group_norm_silu":
+        return _common_reasons(inputs.data, inputs.others) + _group_norm_silu.not_supported_reasons(inputs.x)
+    if op in ("flash_attention", "cross_attention"):
+        q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.attn_mask
+        reasons = _common_reasons(inputs.data, inputs.others) + _flash_attention.not_supported_reasons(q, k, v, mask)
         if op == "cross_attention":
-            reasons += _cross_attention.not_supported_reasons(*tensors)
-    return reasons
+            reasons += _cross_attention.not_supported_reasons(q, k)
+        return reasons
+    return [f"unknown op {op!r} for the Triton backend"]

@@ -1,7 +1,9 @@
-"""The PyTorch path: every op's forward and backward kernel in plain PyTorch.
+"""The PyTorch backend (``torch``): every op's forward and backward kernel in plain PyTorch.
 
-It runs on any device and any floating dtype (float64 included), so it is also the reference the
-other backends are tested against. Every backend module exports this same contract:
+It runs on any device and any floating dtype (float64 included), and is the fall-back for any
+kernel another backend lacks. (The float64 maths the tests judge every backend against is a
+separate, deliberately naive module: ``tests/reference.py``.) Every backend module exports this
+same contract, the kernel names and arguments each op's spec (``npu_kernels/ops/<op>.py``) declares:
 
 * ``geglu_forward(x, approximate) -> out`` / ``geglu_backward(grad_out, x, approximate) -> grad_x``
 * ``group_norm_silu_forward(x, num_groups, weight, bias, eps) -> (out, mean, rstd)`` with
@@ -12,26 +14,32 @@ other backends are tested against. Every backend module exports this same contra
   and ``flash_attention_backward(grad_out, q, k, v, out, lse, attn_mask, scale) -> (dq, dk, dv)``; the
   mask is ``None`` or additive, 4-D and broadcastable to ``[B, H, Sq, Skv]``;
   ``cross_attention_forward`` / ``cross_attention_backward`` the same for short key/value sequences.
-* ``not_supported_reasons(op, *tensors) -> list[str]``
+* ``not_supported_reasons(op, inputs) -> list[str]``, ``inputs`` the op's typed inputs object
+  (:mod:`npu_kernels.registry`: ``inputs.x``, ``inputs.q``, ...).
 
 A backend may instead export an op under its own name (``geglu``, ``flash_attention``, ...) as an
-autograd-complete function; the op then calls it directly (torch_npu's fused attention, whose
-backward torch_npu registers itself).
+autograd-complete function with the op's arguments; the op then calls it directly (torch_npu's
+fused attention, whose backward torch_npu registers itself).
+
+``lora_linear_forward`` / ``lora_linear_backward`` live here only: ATen's GEMMs serve that op on
+every device, so no backend is chosen for it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from npu_kernels import registry
+
 Tensor = torch.Tensor
 
 
-def not_supported_reasons(op: str, *tensors: Tensor | None) -> list[str]:
+def not_supported_reasons(op: str, inputs: registry.Inputs) -> list[str]:
     """The PyTorch path serves every op on every device and floating dtype (bool attention masks too)."""
     return [
         f"dtype {t.dtype} is not a floating point type"
-        for t in tensors
-        if t is not None and not (t.is_floating_point() or t.dtype == torch.bool)
+        for t in (*inputs.data, *inputs.others)
+        if not (t.is_floating_point() or t.dtype == torch.bool)
     ]
 
 
@@ -272,3 +280,51 @@ def flash_attention_backward(
 # Short key/value sequences need no special kernel in PyTorch: the same maths serves them.
 cross_attention_forward = flash_attention_forward
 cross_attention_backward = flash_attention_backward
+
+
+# ---------------------------------------------------------------------------------- LoRA linear
+def _as_2d(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def lora_linear_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, x Aᵀ, x as 2-D)``: three GEMMs, the LoRA update accumulated into the base output in
+    place through ``addmm_``'s ``alpha``. The 2-D ``x`` (a view of ``x`` unless flattening copied
+    it) is what the eager backward saves: it spares the backward a reshape."""
+    x2d = _as_2d(x)
+    out = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+    xa = torch.mm(x2d, lora_A.t())
+    out.addmm_(xa, lora_B.t(), alpha=scale)
+    return (out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])), xa, x2d
+
+
+def lora_linear_backward(
+    grad_out: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for (x, weight, bias, lora_A, lora_B); ``None`` where ``needs_input_grad`` says no.
+    ``x`` may be the forward's input or its 2-D form; ``grad x`` has ``grad_out``'s leading shape.
+
+    With ``u = grad · B``: grad x = grad·W + scale·u·A, grad A = scale·uᵀ·x, grad B = scale·gradᵀ·(x Aᵀ).
+    ``addmm`` with ``beta=0`` ignores its first argument (any tensor of the output's shape), which
+    folds the scale into the GEMM without a separate multiply.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs_input_grad[:5]
+    x2d, g2d = _as_2d(x), _as_2d(grad_out)
+    grad_x = grad_w = grad_b = grad_a = grad_bb = None
+    if need_x or need_a:
+        u = torch.mm(g2d, lora_B)
+        if need_x:
+            grad_x = torch.mm(g2d, weight).addmm_(u, lora_A, alpha=scale)
+            grad_x = grad_x if grad_out.dim() == 2 else grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
+        if need_a:
+            grad_a = torch.addmm(lora_A, u.t(), x2d, beta=0, alpha=scale)
+    if need_bb:
+        grad_bb = torch.addmm(lora_B, g2d.t(), xa, beta=0, alpha=scale)
+    if need_w:  # an unfrozen base weight (not the LoRA recipe, but the op stays correct)
+        grad_w = torch.mm(g2d.t(), x2d)
+    if need_b:  # needs_input_grad is False for an absent bias
+        grad_b = g2d.sum(0)
+    return grad_x, grad_w, grad_b, grad_a, grad_bb
