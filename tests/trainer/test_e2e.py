@@ -160,12 +160,12 @@ def test_lora_file_loads_into_diffusers_pipeline_as_trained(embedded_run: dict[s
 
     base = render()
     pipeline.load_lora_weights(str(embedded_run["dir"]))
-    assert pipeline.get_list_adapters().get("unet")
+    (adapter,) = pipeline.get_list_adapters().get("unet")
     in_file = convert_unet_state_dict_to_peft(
         {key.removeprefix("unet."): value for key, value in load_file(embedded_run["dir"] / "pytorch_lora_weights.safetensors").items()}
     )
     trained = embedded_run["unet"]
-    for what, state in (("loaded into the pipeline", get_peft_model_state_dict(pipeline.unet)),
+    for what, state in (("loaded into the pipeline", get_peft_model_state_dict(pipeline.unet, adapter_name=adapter)),
                         ("trained, in memory", get_peft_model_state_dict(trained))):
         assert state.keys() == in_file.keys() and state, f"{what}: LoRA keys differ from the file's"
         for key, value in in_file.items():
@@ -180,7 +180,7 @@ def test_lora_file_loads_into_diffusers_pipeline_as_trained(embedded_run: dict[s
     reference.assert_close(tuned, as_trained, torch.float32, "pipeline with the LoRA file vs with the trained UNet", k=1e-4)
     assert (tuned - base).abs().max() > 1e-3  # and the LoRA matters
     pipeline.unload_lora_weights()
-    reference.assert_close(render(), base, torch.float32, "after unload_lora_weights", k=1e-6)
+    reference.assert_close(render(), base, torch.float32, "after unload_lora_weights", k=1e-5)
 
 
 @pytest.fixture(scope="module")
