@@ -33,6 +33,7 @@ import npu_kernels
 from benchmarks.dispatch_counts import count_dispatches
 from benchmarks.memory import saved_bytes
 from benchmarks.models import POOLED_DIM, SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from tests import reference
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"dispatched_ratio": 0.65, "launching_ratio": 0.75, "saved_bytes_ratio": 0.70}
@@ -68,6 +69,10 @@ def lora_step(request, bench_size, device):
             prediction = unet(**inputs).sample
         return F.mse_loss(prediction.float(), target)
 
+    def predict() -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return unet(**inputs).sample.float()
+
     def forward_backward() -> None:
         forward().backward()
         for param in params:
@@ -80,7 +85,7 @@ def lora_step(request, bench_size, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    yield precision, unet, forward, forward_backward, step
+    yield precision, unet, forward, forward_backward, step, predict
     npu_kernels.restore(unet)
     gc.collect()
 
@@ -100,10 +105,12 @@ def _set_impl(unet: torch.nn.Module, impl: str) -> None:
 
 
 def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
-    precision, unet, forward, forward_backward, step = lora_step
+    precision, unet, forward, forward_backward, step, predict = lora_step
     measured: dict[str, dict] = {}
+    predictions: dict[str, torch.Tensor] = {}
     for impl in IMPLS:
         _set_impl(unet, impl)
+        predictions[impl] = predict()
         forward_backward()  # warm up: lazy initialisation must not count
         counts = count_dispatches(forward_backward)
         measured[impl] = dict(
@@ -113,6 +120,9 @@ def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
             top_launching=counts.top(8, launching_only=True),
         )
     stock, ours, recompute = measured["stock"], measured["npu_kernels"], measured["npu_kernels_recompute"]
+    if precision == "fp32":  # the same maths in another order: per element, as tests/test_diffusers_integration.py
+        for impl in ("npu_kernels", "npu_kernels_recompute"):
+            reference.assert_close(predictions[impl], predictions["stock"], torch.float32, f"{impl} output", rtol=1e-5, k=2e-4)
     ratios = {
         "dispatched_ratio": ours["dispatched"] / stock["dispatched"],
         "launching_ratio": ours["launching"] / stock["launching"],

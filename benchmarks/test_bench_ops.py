@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import npu_kernels
 from benchmarks.memory import saved_bytes
 from npu_kernels import backends
+from tests import reference
 
 SHAPES = {
     "full": {
@@ -65,6 +66,20 @@ def _ours(op: str, backend: str):
     return run
 
 
+def _assert_agrees_with_stock(op: str, fn, inputs: list[torch.Tensor], grad: torch.Tensor, dtype: torch.dtype) -> None:
+    """Ours and stock on the same inputs: output and every input gradient, per element, each judged at
+    the dtype's tolerance against the float64 maths (so that neither hides behind the other's rounding)."""
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = _stock(op)(*exact)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    for name, call in (("stock", _stock(op)), ("ours", fn)):
+        out = call(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad)
+        reference.assert_close(out, expected, dtype, f"{op} {name} output")
+        for i, (got, want) in enumerate(zip(grads, expected_grads)):
+            reference.assert_close(got, want, dtype, f"{op} {name} grad {i}")
+
+
 def _implementations(device: torch.device) -> list[str]:
     """stock, plus every backend that is fast-meaningful here (Triton's interpreter is not)."""
     names = ["stock", "torch"]
@@ -116,6 +131,8 @@ def test_op(benchmark, bench_size, device, op, shape, impl, dtype, mode):
     inputs = _inputs(op, shape, dtype, device)
     fn = _stock(op) if impl == "stock" else _ours(op, impl)
     grad = torch.randn_like(fn(*inputs))
+    if impl != "stock":
+        _assert_agrees_with_stock(op, fn, inputs, grad, dtype)
 
     if mode == "forward":
         def step():

@@ -38,17 +38,63 @@ def forward_backward(unet: torch.nn.Module) -> tuple[torch.Tensor, dict[str, tor
     return out.detach(), {name: p.grad.detach().clone() for name, p in unet.named_parameters()}
 
 
-def assert_same_run(actual, expected, tol: float = 1e-4) -> None:
+def assert_same_run(actual, expected, k: float = 2e-4) -> None:
+    """fp32 runs: output and every gradient, per element, within ``1e-5·|expected| + k·RMS(expected)``
+    (the same maths in another order; ``k`` is ~10x the worst this needed).
+
+    A gradient that is zero in exact maths (the bias of a convolution that a GroupNorm follows: the
+    norm removes any constant) is rounding noise of the many terms that cancel, of any sign: one
+    whose RMS is below 1% of the median gradient's must stay below 1% of that median.
+    """
     out, grads = actual
     ref_out, ref_grads = expected
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    reference.assert_close(out, ref_out, torch.float32, "output", rtol=1e-5, k=k)
     assert grads.keys() == ref_grads.keys()
+    typical = torch.tensor([g.double().square().mean().sqrt().item() for g in ref_grads.values()]).median().item()
     for name, grad in grads.items():
-        ref = ref_grads[name]
-        scale = max(ref.abs().max().item(), 1e-3)
-        assert torch.isfinite(grad).all(), name
-        assert (grad - ref).abs().max().item() <= tol * scale * 10, f"gradient of {name} differs"
+        rms = ref_grads[name].double().square().mean().sqrt().item()
+        if rms < 1e-2 * typical:
+            reference.assert_close(grad, ref_grads[name], torch.float32, f"gradient of {name}", rtol=0, k=1e-2, scale=typical)
+        else:
+            reference.assert_close(grad, ref_grads[name], torch.float32, f"gradient of {name}", rtol=1e-5, k=k)
+
+
+def _relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((actual.double() - exact.double()).norm() / exact.double().norm()).item()
+
+
+def assert_as_accurate_as_stock(ours: dict, stock: dict, exact: dict) -> None:
+    """bf16 runs, judged against the fp32 run ``exact`` by stock's own bf16 error (tensor name -> tensor):
+
+    * per element: ``|ours - exact| <= |stock - exact| + 16·RMS(stock - exact)``: no element may be
+      off by much more than stock's typical rounding error of that tensor (bf16 errors are
+      heavy-tailed: the worst element of a correct run reached ~11x that RMS);
+    * per tensor: a relative error at most 4x stock's + 1e-2 (a whole layer off);
+    * per group of tensors (lora_A, lora_B, the rest): the pooled relative error at most 1.25x stock's
+      + 4e-3, as tests/test_cuda.py bounds each tensor on a GPU; pooled, the per-tensor chance that
+      either run rounds luckier averages out (measured: ours 0.98x-1.11x stock's, a 10% error in every
+      lora_A gradient 2.4x).
+    """
+    assert ours.keys() == stock.keys() == exact.keys() and ours
+    groups: dict[str, list[str]] = {}
+    for name in exact:
+        ours_t, stock_t, exact_t = ours[name].double(), stock[name].double(), exact[name].double()
+        assert torch.isfinite(ours_t).all(), f"{name}: non-finite values"
+        stock_error = (stock_t - exact_t).abs()
+        bound = stock_error + 16 * stock_error.square().mean().sqrt()
+        error = (ours_t - exact_t).abs()
+        assert (error <= bound).all(), (
+            f"{name}: {int((error > bound).sum())} elements beyond stock's bf16 error; worst "
+            f"{(error - bound).max().item():.3g} over the bound"
+        )
+        ours_rel, stock_rel = _relative_error(ours_t, exact_t), _relative_error(stock_t, exact_t)
+        assert ours_rel <= 4 * stock_rel + 1e-2, f"{name}: relative error {ours_rel:.3g} vs stock's {stock_rel:.3g}"
+        groups.setdefault("lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "other", []).append(name)
+    for group, names in groups.items():
+        norm = sum(exact[n].double().square().sum() for n in names).sqrt()
+        ours_rel = (sum((ours[n].double() - exact[n].double()).square().sum() for n in names).sqrt() / norm).item()
+        stock_rel = (sum((stock[n].double() - exact[n].double()).square().sum() for n in names).sqrt() / norm).item()
+        assert ours_rel <= 1.25 * stock_rel + 4e-3, f"{group}: pooled relative error {ours_rel:.3g} vs stock's {stock_rel:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +128,7 @@ def test_optimize_matches_stock_then_restore(stock_run):
     npu_kernels.restore(unet)
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
     assert not any("forward" in m.__dict__ for m in unet.modules())
-    assert_same_run(forward_backward(unet), expected, tol=1e-6)
+    assert_same_run(forward_backward(unet), expected, k=1e-6)
 
 
 def test_set_attn_processor_alone_matches_stock(stock_run):
@@ -171,12 +217,18 @@ def _frozen_lora_step(unet, weight_dtype):
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_frozen_base_lora_step_matches_stock(stock_run, weight_dtype):
     stock_unet, _ = stock_run
-    reference_unet, unet = copy.deepcopy(stock_unet), copy.deepcopy(stock_unet)
+    unet = copy.deepcopy(stock_unet)
     report = npu_kernels.optimize(unet)
     assert report.frozen_layers > 0
-    expected = _frozen_lora_step(reference_unet, weight_dtype)
+    expected = _frozen_lora_step(copy.deepcopy(stock_unet), weight_dtype)
     actual = _frozen_lora_step(unet, weight_dtype)
-    assert_same_run(actual, expected, tol=1e-4 if weight_dtype == torch.float32 else 3e-2)
+    if weight_dtype == torch.float32:
+        assert_same_run(actual, expected)
+        return
+    # bf16: both runs round, differently; the fp32 run is the exact one both are judged against.
+    exact = _frozen_lora_step(copy.deepcopy(stock_unet), torch.float32)
+    as_dict = lambda run: {"output": run[0], **run[1]}  # noqa: E731
+    assert_as_accurate_as_stock(as_dict(actual), as_dict(expected), as_dict(exact))
 
 
 def test_frozen_layers_keep_no_input_for_backward():

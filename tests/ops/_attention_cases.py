@@ -89,20 +89,37 @@ def check_kernel_contract(backend, op, q, k, v, attn_mask, scale=None):
         reference.assert_close(grad, ref, dtype, name)
 
 
+def check_single_key(op, dtype, device="cpu"):
+    """Skv = 1: every query attends to its one key with weight 1, so out = v, dv = the sum of the
+    output gradients over queries, and dq = dk = 0 in exact maths. Those two are differences of equal
+    terms (``P·(dP - rowsum(dO·O))·scale`` times k or q), so they are judged against the size of
+    those terms, not against their own (zero) RMS."""
+    q, k, v = qkv(2, 3, 5, 1, 16, dtype, device)
+    out, (dq, dk, dv) = reference.run_with_grads(getattr(npu_kernels, op), [q, k, v])
+    ref_out, (_, _, ref_dv) = reference.run_with_grads(reference.attention, reference.as_float64_leaves([q, k, v]))
+    reference.assert_close(out, ref_out, dtype, "out")
+    reference.assert_close(dv, ref_dv, dtype, "dv")
+    rms = lambda t: t.detach().double().square().mean().sqrt().item()  # noqa: E731
+    # The cotangent run_with_grads drew: dP = dO·vᵀ sums D products, the softmax scale divides by sqrt(D).
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    for name, grad, other in (("dq", dq, k), ("dk", dk, q)):
+        scale = rms(grad_out) * rms(v) * rms(other)
+        reference.assert_close(grad, torch.zeros(grad.shape, dtype=torch.float64), dtype, name, scale=scale)
+
+
 def check_fp16_large_magnitudes(op):
-    """Scores reach ~1e5, beyond fp16's 65504: kernels must hold them in fp32. Such near-one-hot
-    softmaxes are ill-conditioned in fp16 for anyone (a rounding of q or k moves a score by more
-    than its gap to the next), so the bar per tensor is PyTorch's own SDPA error against float64."""
+    """Scores reach ~1e5, beyond fp16's 65504: kernels must hold them in fp32 (a kernel that does not
+    returns inf or NaN). Against float64 maths per element: the output and dv at fp16's tolerance.
+    dq and dk are ill-conditioned here for any fp16 kernel: a near tie between two scores of ~1e5
+    (this seed has one) turns the fp32 rounding of those scores into an error of the order of the
+    gradient itself, so they get a bound of 32x their RMS (about twice the worst the PyTorch path
+    needed): it still fails on inf, NaN or a gradient of the wrong size."""
     q, k = (leaf((torch.randn(1, 2, s, 64) * 30).half()) for s in (33, 77))
     v = leaf(torch.randn(1, 2, 77, 64).half())
     out, grads = reference.run_with_grads(getattr(npu_kernels, op), [q, k, v])
-    sdpa_out, sdpa_grads = reference.run_with_grads(torch.nn.functional.scaled_dot_product_attention, [q, k, v])
     ref_out, ref_grads = reference.run_with_grads(reference.attention, reference.as_float64_leaves([q, k, v]))
-    for name, ours, sdpa, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (sdpa_out, *sdpa_grads), (ref_out, *ref_grads)):
-        assert torch.isfinite(ours).all(), name
-        error = (ours.double() - ref).abs().max().item()
-        bar = (sdpa.double() - ref).abs().max().item()
-        assert error <= 2 * bar + 1e-3, f"{name}: max error {error:.3g} > 2 x SDPA's {bar:.3g} + 1e-3"
+    for name, ours, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        reference.assert_close(ours, ref, torch.float16, name, k=32 if name in ("dq", "dk") else None)
 
 
 def needs_triton():

@@ -40,6 +40,11 @@ def test_contiguous_inputs_and_a_given_scale(backend, dtype):
     ac.check_public_op("cross_attention", q, k, v, None, dtype, f"cross_attention[{backend}] scale 0.3", scale=0.3)
 
 
+@pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
+def test_a_single_key(backend, dtype):
+    ac.check_single_key("cross_attention", dtype, device(backend))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "npu"], indirect=True)
 def test_fp16_large_magnitudes_do_not_overflow(backend):
     ac.check_fp16_large_magnitudes("cross_attention")

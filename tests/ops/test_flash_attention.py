@@ -49,6 +49,11 @@ def test_value_head_dim_differs(backend, dtype):
                        f"flash_attention[{backend}] Dv 40")
 
 
+@pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
+def test_a_single_key(backend, dtype):
+    ac.check_single_key("flash_attention", dtype, device(backend))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "npu"], indirect=True)
 def test_fp16_large_magnitudes_do_not_overflow(backend):
     ac.check_fp16_large_magnitudes("flash_attention")

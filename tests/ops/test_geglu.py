@@ -141,6 +141,21 @@ def test_geglu_projection_matches_reference(backend, dtype, shape):
     assert saved[0].shape == x.shape and all(t is weight or t is bias or t.shape != (*shape[:-1], 2 * hidden) for t in saved)
 
 
+@pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
+def test_geglu_projection_tanh_on_a_non_contiguous_input(backend, dtype):
+    """The tanh approximation, and x a transposed view (as a caller's permuted activations are)."""
+    dev = device(backend)
+    weight = randn(2 * 5, 7, dtype=dtype, device=dev).detach()
+    bias = randn(2 * 5, dtype=dtype, device=dev).detach()
+    x = leaf(randn(3, 7, 4, dtype=dtype, device=dev).transpose(1, 2))
+    assert not x.is_contiguous()
+    reference.check_against_reference(
+        lambda t: npu_kernels.geglu_projection(t, weight, bias, "tanh"),
+        lambda t: reference.geglu(torch.nn.functional.linear(t, weight.double(), bias.double()), "tanh"),
+        [x], dtype, f"geglu_projection[{backend}] tanh, non-contiguous",
+    )
+
+
 def test_geglu_projection_equals_the_saving_path_exactly():
     """Recomputing the projection gives bitwise the gradients of geglu(F.linear(...)), fp32 and bf16 autocast."""
     weight, bias = torch.randn(2 * 24, 16), torch.randn(2 * 24)

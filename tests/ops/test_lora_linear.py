@@ -41,6 +41,16 @@ def test_matches_float64_reference(rank, bias, shape, dtype):
     reference.check_against_reference(op, ref, inputs, dtype, f"lora_linear r{rank} {shape}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_without_autocast_matches_float64_reference(dtype, bias):
+    """Every operand fp16 (or bf16), no autocast: values and gradients in that dtype, against float64."""
+    inputs = make_inputs((2, 9, IN), 4, bias, dtype)
+    op = lambda *a: npu_kernels.lora_linear(*a, 0.75)  # noqa: E731
+    ref = lambda *a: lora_reference(*a, 0.75)  # noqa: E731
+    reference.check_against_reference(op, ref, inputs, dtype, f"lora_linear {dtype}")
+
+
 @pytest.mark.parametrize("scale", [0.0, 2.5])
 def test_noncontiguous_input_zero_scale_and_unfrozen_base(scale):
     inputs = make_inputs((3, 5, IN), 4, noncontiguous=True, frozen=False)

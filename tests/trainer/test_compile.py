@@ -157,10 +157,9 @@ def test_compiled_run_reports_compile_time_apart(runs: dict[str, Any]) -> None:
 def test_compiled_losses_match_eager(runs: dict[str, Any]) -> None:
     eager, compiled = runs["eager"]["loss_history"], runs["compiled"]["loss_history"]
     assert len(eager) == len(compiled) == 6
+    # aot_eager runs the same ATen ops as eager: every step's loss within 1e-5 (a 1% error in any fails).
     for step, (e, c) in enumerate(zip(eager, compiled), start=1):
-        assert abs(c - e) <= 0.02 * abs(e), f"step {step}: compiled {c} vs eager {e}"
-    mean_e, mean_c = sum(eager) / 6, sum(compiled) / 6
-    assert abs(mean_c - mean_e) <= 0.02 * mean_e
+        assert abs(c - e) <= 1e-5 * abs(e), f"step {step}: compiled {c} vs eager {e}"
 
 
 def test_one_graph_and_no_recompile_across_validation(runs: dict[str, Any]) -> None:
@@ -184,5 +183,6 @@ def test_inductor_compiled_run_matches_eager(cache_env: Path, tmp_path: Path, ru
         compiled, _ = run_main(RUN + ["--output_dir", str(tmp_path / "inductor"), "--compile"])
     torch._dynamo.reset()
     assert compiled["compile_backend"] == "inductor" and compiled["compile_seconds"] > 0
+    # Inductor fuses and reorders the maths: each step's loss within 1e-3 (a 1% error in any still fails).
     for e, c in zip(runs["eager"]["loss_history"], compiled["loss_history"], strict=True):
-        assert abs(c - e) <= 0.02 * abs(e)
+        assert abs(c - e) <= 1e-3 * abs(e)

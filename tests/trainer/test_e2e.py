@@ -52,14 +52,20 @@ def cache_env(assets_cache: Path) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory: pytest.TempPathFactory, cache_env: Path) -> dict[str, Any]:
     """The embedded default exactly as ``python -m trainer.sdxl_lora`` runs it, from an empty directory."""
+    from trainer import models
+
     work = tmp_path_factory.mktemp("embedded_default")
+    saved_unets = []  # the trained UNet in memory, as the trainer hands it to the LoRA file writer
+    save_lora_weights = models.save_lora_weights
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
+        patch.setattr(models, "save_lora_weights", lambda directory, unet, *rest: saved_unets.append(unet) or save_lora_weights(directory, unet, *rest))
         started = time.perf_counter()
         summary, stdout, stderr = run_main([])
         seconds = time.perf_counter() - started
     print(f"embedded default: {seconds:.1f} s in-process (assets generated if not cached)")
-    return {"dir": work / OUTPUT, "summary": summary, "stdout": stdout, "stderr": stderr, "seconds": seconds}
+    return {"dir": work / OUTPUT, "summary": summary, "stdout": stdout, "stderr": stderr, "seconds": seconds,
+            "unet": saved_unets[-1]}
 
 
 def test_embedded_default_summary(embedded_run: dict[str, Any]) -> None:
@@ -123,31 +129,58 @@ def test_embedded_default_writes_lora_images_curve_and_tensorboard(embedded_run:
 def test_second_run_reuses_the_cached_assets(embedded_run: dict[str, Any], cache_env: Path) -> None:
     marker = next(cache_env.glob("embedded_sdxl_*/COMPLETE"))
     before = marker.stat().st_mtime_ns
-    started = time.perf_counter()
-    ensure_assets()
-    assert time.perf_counter() - started < 0.5
+    from trainer import embedded_default
+
+    def regenerate():
+        raise AssertionError("the cached assets were generated again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(embedded_default, "build_pipeline", regenerate)
+        ensure_assets()
     assert marker.stat().st_mtime_ns == before
 
 
-def test_lora_file_loads_into_diffusers_pipeline_and_changes_output(embedded_run: dict[str, Any], cache_env: Path) -> None:
+def test_lora_file_loads_into_diffusers_pipeline_as_trained(embedded_run: dict[str, Any], cache_env: Path) -> None:
+    """load_lora_weights gives the pipeline every LoRA tensor of the file, equal to the trained UNet's in
+    memory, and the pipeline then renders what it renders with the trained UNet itself."""
     from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from tests import reference
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(str(ensure_assets().model_dir))
     pipeline.set_progress_bar_config(disable=True)
 
-    def render() -> np.ndarray:
+    def render() -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         out = pipeline("a red circle on a blue background", num_inference_steps=2, generator=generator, output_type="latent")
-        return out.images.float().numpy()
+        return out.images.float()
 
     base = render()
     pipeline.load_lora_weights(str(embedded_run["dir"]))
-    assert pipeline.get_list_adapters().get("unet")
+    (adapter,) = pipeline.get_list_adapters().get("unet")
+    in_file = convert_unet_state_dict_to_peft(
+        {key.removeprefix("unet."): value for key, value in load_file(embedded_run["dir"] / "pytorch_lora_weights.safetensors").items()}
+    )
+    trained = embedded_run["unet"]
+    for what, state in (("loaded into the pipeline", get_peft_model_state_dict(pipeline.unet, adapter_name=adapter)),
+                        ("trained, in memory", get_peft_model_state_dict(trained))):
+        assert state.keys() == in_file.keys() and state, f"{what}: LoRA keys differ from the file's"
+        for key, value in in_file.items():
+            assert torch.equal(state[key].detach().cpu().to(value.dtype), value), f"{what}: {key} differs from the file"
     tuned = render()
-    assert base.shape == tuned.shape
-    assert np.abs(base - tuned).max() > 1e-3
+    loaded_unet, pipeline.unet = pipeline.unet, trained
+    try:
+        as_trained = render()
+    finally:
+        pipeline.unet = loaded_unet
+    # The trained UNet runs the fused kernels, the loaded one stock diffusers: fp32 rounding apart.
+    reference.assert_close(tuned, as_trained, torch.float32, "pipeline with the LoRA file vs with the trained UNet", k=1e-4)
+    assert (tuned - base).abs().max() > 1e-3  # and the LoRA matters
     pipeline.unload_lora_weights()
-    np.testing.assert_allclose(render(), base, atol=1e-5)
+    reference.assert_close(render(), base, torch.float32, "after unload_lora_weights", k=1e-5)
 
 
 @pytest.fixture(scope="module")
