@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import io
 import sys
 import time
@@ -44,22 +43,19 @@ NOT_SLOW = "not triton and not cuda and not dispatch"
 
 # ------------------------------------------------------------------------------ the injection point
 def kernel_owner(backend: str, name: str) -> ModuleType:
-    """The module the ops read kernel ``name`` of ``backend`` from at every call.
+    """The module the ops read kernel ``name`` of ``backend`` from (``backends.kernel_module``).
 
-    ``lora_linear`` has no backend: its GEMMs are functions of its own module. Adapt this function
-    (only this one) when the ops look their kernels up elsewhere.
+    Adapt this function (only this one) when the ops look their kernels up elsewhere.
     """
-    if backend == "lora_linear":
-        return importlib.import_module("npu_kernels.ops.lora_linear")
     from npu_kernels import backends
 
-    return backends.kernels(backend)
+    return backends.kernel_module(backend)
 
 
 def _forget_looked_up_kernels() -> None:
     from npu_kernels import backends
 
-    backends.reset_cache()  # backends.function() caches what it looked up
+    backends.reset_cache()  # backends.provided() caches what it looked up
 
 
 def one_element_off(t: torch.Tensor, relative: float) -> torch.Tensor:
@@ -129,13 +125,13 @@ def lora_A_gradients_off(relative: float) -> Iterator[None]:
 class Mutation:
     op: str
     what: str  # "forward" or "grad <input>"
-    kernel: str  # the kernel function's name (backend "torch", or "lora_linear" for that op)
+    kernel: str  # the kernel function's name in the torch backend
     output: int | None  # which of the kernel's results; None: its only one
     tests: tuple[str, ...]  # pytest arguments: files and -k selection
 
     @property
     def backend(self) -> str:
-        return "lora_linear" if self.op == "lora_linear" else "torch"
+        return "torch"  # lora_linear's GEMMs live in the torch backend too (its spec's fixed backend)
 
 
 def _op_tests(path: str, extra: str = "") -> tuple[str, ...]:
@@ -164,10 +160,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         for op, tests in (("flash_attention", FLASH), ("cross_attention", CROSS))
         for what, kind, index in (("forward", "forward", 0), ("grad q", "backward", 0), ("grad k", "backward", 1), ("grad v", "backward", 2))
     ),
-    Mutation("lora_linear", "forward", "_forward", 0, LORA),
-    Mutation("lora_linear", "grad x", "_backward", 0, LORA),
-    Mutation("lora_linear", "grad lora_A", "_backward", 3, LORA),
-    Mutation("lora_linear", "grad lora_B", "_backward", 4, LORA),
+    Mutation("lora_linear", "forward", "lora_linear_forward", 0, LORA),
+    Mutation("lora_linear", "grad x", "lora_linear_backward", 0, LORA),
+    Mutation("lora_linear", "grad lora_A", "lora_linear_backward", 3, LORA),
+    Mutation("lora_linear", "grad lora_B", "lora_linear_backward", 4, LORA),
 )
 UNET_TESTS = ("tests/test_diffusers_integration.py", "-k", "frozen_base_lora_step_matches_stock and bf16")
 
