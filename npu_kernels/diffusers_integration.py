@@ -198,8 +198,20 @@ def _norm_silu_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return _fused_norm_silu(self, x)
 
 
-def _identity_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x  # the SiLU already ran inside the fused GroupNorm before it
+class _SiluFusedIntoNorm(nn.Module):
+    """Stands where ``conv_act`` was while ``conv_norm_out`` runs GroupNorm+SiLU fused: passes its input on.
+
+    A module of its own in the parent's slot, not a patched forward of the SiLU: older diffusers
+    (``get_activation`` before 0.31) hand ONE shared ``nn.SiLU`` instance to ``conv_act``, the time
+    embedding and every resnet, so patching that instance removed SiLU everywhere.
+    """
+
+    def __init__(self, replaced: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["replaced"] = replaced  # not a submodule: named_modules() and state_dict() stay as stock's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the SiLU already ran inside the fused GroupNorm before it
 
 
 def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callable:
@@ -404,7 +416,7 @@ def optimize(
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if _is_group_norm(norm) and _is_plain_silu(act) and not getattr(norm, _FUSED_TAG, False):
             _patch(norm, _norm_silu_forward)
-            _patch(act, _identity_forward)
+            module.conv_act = _SiluFusedIntoNorm(act)
             report.norm_out_pairs += 1
     return report
 
@@ -422,6 +434,8 @@ def restore(model: nn.Module | DiffusionPipeline) -> nn.Module | DiffusionPipeli
         if getattr(module, _FUSED_TAG, False):
             del module.forward
             delattr(module, _FUSED_TAG)
+        if isinstance(act := module._modules.get("conv_act"), _SiluFusedIntoNorm):
+            module.conv_act = act.replaced
         if not isinstance(module, Attention):
             continue
         if getattr(module.__dict__.get("forward"), "__func__", None) is _attention_forward:

@@ -17,7 +17,7 @@ from peft import LoraConfig, inject_adapter_in_model
 import npu_kernels
 from npu_kernels import peft_lora, versions
 from tests import reference
-from tests.tiny_unet import tiny_sdxl_unet
+from tests.tiny_unet import tiny_sdxl_inputs, tiny_sdxl_unet
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,29 @@ def test_compiled_frozen_conv_backward_traces_without_dynamos_lru_cache_warning(
         (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fusing_norm_out_keeps_a_silu_shared_with_the_rest_of_the_unet():
+    """diffusers before 0.31 (``get_activation``) hands ONE ``nn.SiLU`` instance to ``conv_act``, the time
+    embedding and every resnet: fusing ``conv_norm_out`` + ``conv_act`` patched that instance to the identity,
+    which removed SiLU from the whole UNet on the floor release (here the sharing is built by hand)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    unet = tiny_sdxl_unet()
+    shared = unet.conv_act
+    unet.time_embedding.act = shared
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D):
+            module.nonlinearity = shared
+    inputs = tiny_sdxl_inputs()
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+        assert npu_kernels.optimize(unet, frozen_weights=False).norm_out_pairs == 1
+        actual = unet(**inputs).sample
+    reference.assert_close(actual, expected, torch.float32, "UNet output with a shared SiLU")
+    npu_kernels.restore(unet)
+    assert unet.conv_act is shared and unet.time_embedding.act is shared
 
 
 # ----------------------------------------------------------------------------- PEFT releases
