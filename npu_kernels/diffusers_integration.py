@@ -139,8 +139,8 @@ def _attention_forward(
     attention_mask: torch.Tensor | None = None,
     **cross_attention_kwargs: Any,
 ) -> torch.Tensor:
-    """``Attention.forward`` minus its per-call ``inspect.signature`` of the processor (16 µs a call on
-    this CPU, 140 calls per SDXL step): with our processor and no extra keyword arguments that
+    """``Attention.forward`` minus its per-call ``inspect.signature`` of the processor (140 calls per SDXL
+    step; its cost: benchmarks/results/cpu-2026-11-30/README.md): with our processor and no extra keyword arguments that
     inspection filters nothing, so the processor is called directly. Anything else: diffusers' forward.
     """
     if cross_attention_kwargs or not isinstance(self.processor, FusedAttnProcessor):
@@ -434,7 +434,7 @@ def restore(model: nn.Module | DiffusionPipeline) -> nn.Module | DiffusionPipeli
         if getattr(module, _FUSED_TAG, False):
             del module.forward
             delattr(module, _FUSED_TAG)
-        if isinstance(act := module._modules.get("conv_act"), _SiluFusedIntoNorm):
+        if isinstance(act := getattr(module, "conv_act", None), _SiluFusedIntoNorm):
             module.conv_act = act.replaced
         if not isinstance(module, Attention):
             continue

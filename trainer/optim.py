@@ -53,8 +53,8 @@ def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter], 
     """The optimizer over ``params`` with diffusers' AdamW hyper-parameters.
 
     ``torch.optim.AdamW`` runs its fused implementation where every parameter is on a CUDA or CPU
-    device: one kernel for all of SDXL's 1,120 LoRA tensors instead of a dozen small ops each (on
-    the CPU 5x less optimizer time than the default per-tensor loop), the same update up to rounding.
+    device: one kernel for all of SDXL's 1,120 LoRA tensors instead of a dozen small ops each (measured in
+    benchmarks/results/cpu-2026-11-30/README.md), the same update up to rounding.
     """
     cls = optimizer_class(args)
     options: dict[str, Any] = {}

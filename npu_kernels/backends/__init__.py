@@ -48,7 +48,7 @@ _MODULES = {
 # Priority lists for ``auto``, by device type and op; anything not listed gets the PyTorch path.
 # Attention on CUDA goes to PyTorch's SDPA (FlashAttention-2 / cuDNN) first: our Triton attention
 # takes over a shape class only once a GPU benchmark shows it faster there, so ``auto`` is never
-# slower than SDPA. The H100 numbers behind this (benchmarks/README.md): our self-attention was slower
+# slower than SDPA. The H100 numbers behind this (benchmarks/results/h100-2026-11-25/README.md): our self-attention was slower
 # than SDPA; our cross-attention took less GPU time but more host time per call, so SDPA keeps both
 # until a UNet-step run shows the cross-attention switch paying off.
 # On the CPU, SDPA runs the same ATen flash kernel as our PyTorch path and saves the same tensors,
@@ -68,7 +68,7 @@ _AUTO_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
 # * "decompose" -- the op's plain PyTorch maths inline (its spec's ``plain_maths``), which
 #   inductor fuses with its neighbours itself.
 # CUDA: inductor's own GroupNorm+SiLU beat our Triton kernel and SDPA is what attention runs anyway,
-# while our GEGLU beat inductor's (benchmarks/README.md has the numbers). NPU: torch_npu's fused
+# while our GEGLU beat inductor's (benchmarks/results/h100-2026-11-25/README.md has the numbers). NPU: torch_npu's fused
 # ops. Every other device (the CPU) and every op not listed here: plain maths when ``decompose`` is
 # the device's default, else the custom op.
 COMPILED_CHOICES: tuple[str, ...] = ("custom_op", "decompose")

@@ -5,8 +5,8 @@
 * the ``torch.library`` custom op ``npu_kernels::<op>`` with its fake impl and autograd, and
   ``npu_kernels::<op>_backward`` (what ``torch.compile``/``torch.export`` see);
 * the eager path: the same kernels, saved tensors and backward through a plain
-  ``torch.autograd.Function`` (the custom-op dispatch costs tens of microseconds of host time per
-  call, more than many GPU kernels at SDXL's batch 1 take), or the forward kernel alone where
+  ``torch.autograd.Function`` (the custom-op dispatch costs more host time per call than many
+  GPU kernels at SDXL's batch 1 take: benchmarks/test_bench_host_time.py), or the forward kernel alone where
   autograd would record nothing.
 
 Both autograd paths share one forward finish, one list of saved tensors and one backward call, so

@@ -3,27 +3,24 @@
 Importing this module imports ``torch_npu`` (which needs the CANN toolkit); the dispatcher in
 ``npu_kernels.backends`` does that inside ``try/except`` and reports the error when it fails.
 
-What each op runs (signatures as Ascend documents them; see ``docs/ascend_npu.md`` for links):
+What each op runs (each rule with its release and doc block: ``docs/ascend_npu.md``; the chip lists
+per op: ``_common.CHIP_RULES``):
 
-* ``geglu`` -> ``torch_npu.npu_geglu(x, dim=-1, approximate=0|1)[0]``. torch_npu computes
-  ``A * gelu(B)`` with A the first and B the second half (diffusers' GEGLU layout) and registers
-  the backward itself (``npu_geglu_grad``), so this is autograd-complete. ``approximate`` is an
-  index: 0 = erf ("none"), 1 = tanh; its default is 1, so it is always passed explicitly.
-* ``group_norm_silu`` (autograd-complete) -> ``torch_npu.npu_group_norm_swish(x, G, weight, bias,
-  eps=, swish_scale=1.0)[0]`` where the installed torch_npu has it (its backward is torch_npu's,
-  aclnnGroupNormSwishGrad), else ``torch_npu.npu_group_norm_silu(x, weight, bias, group=, eps=)``
-  with our backward from the returned mean/rstd, kept in the gradient's dtype because
-  aclnnGroupNormBackward refuses anything else (see :mod:`.group_norm_silu`).
-* ``flash_attention`` / ``cross_attention`` -> ``torch_npu.npu_fusion_attention`` with
-  ``head_num=H``, ``scale=scale``, ``keep_prob=1.0`` (no dropout), whose backward
-  (``npu_fusion_attention_grad``) torch_npu registers itself. Masks are translated from SDPA's
-  conventions to torch_npu's: a boolean mask (True = attend) is inverted, because torch_npu's
-  ``atten_mask`` is True/1 = *masked out*; an additive mask made only of 0 and -inf becomes such a
-  boolean mask; any other additive mask goes in as ``pse`` divided by ``scale``, because torch_npu
-  adds ``pse`` *before* scaling (``softmax(scale * (pse + q kᵀ))``). A query row the mask removes
-  entirely gives zeros (and zero gradients), as on the PyTorch and Triton paths.
-* bfloat16 only on Atlas A2/A3 chips (``torch_npu.npu.get_device_name()`` "Ascend910B*"/
-  "Ascend910_93*"): on older Atlas training chips ``not_supported_reasons`` says so.
+* ``geglu`` -> ``torch_npu.npu_geglu(x, dim=-1, approximate=0|1, activate_left=False)[0]``, GELU
+  assumed on the second half (diffusers' layout; the docs do not say which half is gated, the
+  device check is in docs/ascend_npu.md); torch_npu registers the backward. ``approximate``: 0 = erf
+  ("none"), 1 = tanh, always passed explicitly.
+* ``group_norm_silu`` -> ``torch_npu.npu_group_norm_swish`` (its own backward) where the release
+  and chip have it, else ``torch_npu.npu_group_norm_silu`` + our backward from its mean/rstd, kept
+  in the gradient's dtype (aclnnGroupNormBackward's rule).
+* ``flash_attention`` / ``cross_attention``: training calls ``torch_npu.npu_fusion_attention``
+  (``_v3`` with its grad under ``torch.compile``, the docs' graph-mode op), inference calls
+  ``npu_fused_infer_attention_score`` where its documented limits allow, else SDPA. Masks reach
+  torch_npu only as boolean ``atten_mask`` (True = masked out; SDPA's booleans inverted, 0/-inf
+  float masks converted); any other additive mask takes the PyTorch path, never ``pse``. Fully
+  masked rows ask for ``inner_precise=2`` and are zeroed, as on the PyTorch and Triton paths.
+* Each op only on the chips its doc block lists (e.g. fused attention: Atlas A2 training series);
+  elsewhere ``not_supported_reasons`` names the block and ``auto`` falls back.
 
 Nothing here knows about diffusers.
 """
