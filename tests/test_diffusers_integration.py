@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -296,6 +297,15 @@ def test_lora_layers_run_lora_linear_and_match_peft(lora_calls):
     assert len(lora_calls) == 2  # restored: PEFT's forward again
 
 
+def _add_second_adapter(layer) -> None:
+    """A second LoRA adapter on a PEFT layer, through the ``update_layer`` signature of the installed PEFT
+    (newer releases take a ``config``, older ones, as at the floor, separate arguments)."""
+    if "config" in inspect.signature(layer.update_layer).parameters:
+        layer.update_layer("second", r=2, lora_alpha=2, config=LoraConfig(r=2, lora_alpha=2))
+    else:
+        layer.update_layer("second", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=True, use_rslora=False)
+
+
 @pytest.mark.parametrize(
     "make_state, reason",
     [
@@ -315,7 +325,7 @@ def test_lora_fallbacks_keep_peft_forward(make_state, reason, lora_calls):
     model, _ = make_state(_lora_block())
     if reason == "two adapters":
         for layer in model:
-            layer.update_layer("second", r=2, lora_alpha=2, config=LoraConfig(r=2, lora_alpha=2))
+            _add_second_adapter(layer)
             layer.set_adapter(["default", "second"])
     stock = copy.deepcopy(model)
     report = npu_kernels.optimize(model)
