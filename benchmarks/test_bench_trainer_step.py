@@ -34,6 +34,8 @@ FLAGS = {
 
 # images/s of default flags eager per (precision, resolution): the baseline of the other rows.
 _DEFAULT_EAGER_FPS: dict[tuple[str, int], float] = {}
+# Default flags eager's fp32 loss at every step: the other fp32 rows train the same maths.
+_DEFAULT_EAGER_LOSSES: dict[int, list[float]] = {}
 
 
 def _compile_flags(compile_mode: str, compile_backend: str) -> list[str]:
@@ -95,6 +97,15 @@ def test_trainer_step(benchmark, assets, tmp_path, bench_size, resolution, preci
     if mode == "eager" and features == "default_flags" and fps:
         _DEFAULT_EAGER_FPS[(precision, resolution)] = fps
     baseline = _DEFAULT_EAGER_FPS.get((precision, resolution))
+    if precision == "fp32":  # kernels, caching and compiling change no step's loss beyond rounding
+        losses = saved["loss_history"]
+        if mode == "eager" and features == "default_flags":
+            _DEFAULT_EAGER_LOSSES[resolution] = losses
+        elif resolution in _DEFAULT_EAGER_LOSSES:
+            expected = _DEFAULT_EAGER_LOSSES[resolution]
+            assert len(losses) == len(expected) and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses, expected)), (
+                f"{features} {mode} losses {losses} differ from default flags eager's {expected}"
+            )
     benchmark.extra_info.update(
         impl=features,
         mode=mode,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import npu_kernels
 from benchmarks.memory import peak_memory, saved_bytes
 from benchmarks.models import SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from tests.reference import assert_close
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Steps before timing: one for the eager allocator and optimizer state; compiled ones also compile
@@ -34,6 +35,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WARMUP_STEPS = {"eager": 1, "compiled": 3}
 # Stock eager's median step per (precision, size): the baseline of the other rows' ratios.
 _STOCK_EAGER_STEP_S: dict[tuple[str, str], float] = {}
+# Stock eager's first fp32 prediction (from the UNet's initial weights): every other fp32 row must agree with it.
+_STOCK_PREDICTION: dict[str, torch.Tensor] = {}
 
 
 @pytest.fixture(scope="module", params=list(PRECISIONS))
@@ -42,7 +45,8 @@ def lora_unet(request, bench_size, resolution, device):
     config = SDXL_UNET_CONFIG if bench_size == "full" else TINY_UNET_CONFIG
     latent = resolution // 8 if bench_size == "full" else 16
     unet = build_lora_unet(config, device, PRECISIONS[request.param])
-    yield request.param, unet, unet_inputs(config, latent, device)
+    initial = {name: t.clone() for name, t in unet.state_dict().items()}  # each row starts from these weights
+    yield request.param, unet, unet_inputs(config, latent, device), initial
     del unet
     torch._dynamo.reset()
     gc.collect()
@@ -64,10 +68,11 @@ def _synchronize(device: torch.device) -> None:
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_unet_step(benchmark, lora_unet, mode, impl, bench_size, bench_rounds, resolution, device, compile_mode,
                    compile_backend):
-    precision, unet, inputs = lora_unet
+    precision, unet, inputs, initial = lora_unet
     if mode == "compiled" and compile_mode == "reduce-overhead" and device.type != "cuda":
         pytest.skip(f"--compile-mode reduce-overhead captures CUDA graphs: needs CUDA, not {device.type}")
     npu_kernels.restore(unet)
+    unet.load_state_dict(initial)  # the rows before trained the LoRA: every row starts from the same weights
     report = npu_kernels.optimize(unet) if impl == "npu_kernels" else None
     torch._dynamo.reset()  # every compiled row compiles from scratch: its compile_s is its own
     model = _compile(unet, compile_backend, compile_mode) if mode == "compiled" else unet
@@ -87,6 +92,13 @@ def test_unet_step(benchmark, lora_unet, mode, impl, bench_size, bench_rounds, r
         optimizer.zero_grad(set_to_none=True)  # noqa: F821
         _synchronize(device)
 
+    if precision == "fp32":  # ours (and compiled) must compute what stock computes, per element
+        with torch.no_grad():
+            prediction = model(**inputs).sample.detach()
+        if mode == "eager" and impl == "stock":
+            _STOCK_PREDICTION[str(bench_size)] = prediction
+        elif str(bench_size) in _STOCK_PREDICTION:
+            assert_close(prediction, _STOCK_PREDICTION[str(bench_size)], what=f"{impl} {mode} UNet prediction vs stock eager")
     warmup = WARMUP_STEPS[mode]
     start = time.perf_counter()
     for _ in range(warmup):
@@ -133,4 +145,4 @@ def test_unet_step(benchmark, lora_unet, mode, impl, bench_size, bench_rounds, r
     torch._dynamo.reset()  # drop the compiled graphs (and their CUDA-graph pools) of this row
     # pytest-benchmark keeps ``step`` for its report: empty its closure cells (del of a cell
     # variable does that) so the next precision's UNet does not have to fit beside this one.
-    del unet, model, optimizer, params, inputs, target
+    del unet, model, optimizer, params, inputs, target, initial
