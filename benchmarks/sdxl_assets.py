@@ -15,18 +15,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import SDXL_UNET_CONFIG, _random_init
+from trainer.sdxl_configs import SDXL_CLIP_BIGG, SDXL_CLIP_L, SDXL_VAE_CONFIG
 
 ASSETS_VERSION = "v1"
 NUM_IMAGES = 8
 
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 hidden_act="gelu", projection_dim=1280)
-SDXL_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=1024,
-                scaling_factor=0.13025, force_upcast=False)
+# SDXL base's text encoders and VAE (trainer.sdxl_configs), the VAE as the fp16-fix release ships it.
+CLIP_L = SDXL_CLIP_L
+CLIP_BIGG = SDXL_CLIP_BIGG
+SDXL_VAE = dict(SDXL_VAE_CONFIG, force_upcast=False)
 
 
 def _materialise(build) -> torch.nn.Module:
