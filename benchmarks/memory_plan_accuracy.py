@@ -32,7 +32,7 @@ CONFIGURATIONS: tuple[tuple[str, list[str]], ...] = (
     ("fp32, kernels off (stock)", ["--kernels", "off"]),
     ("fp32, kernels on", ["--kernels", "on"]),
     ("bf16, kernels on, gradient checkpointing", ["--mixed_precision", "bf16", "--gradient_checkpointing"]),
-    ("fp32, recompute_geglu_projection, cached latents and text", ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings"]),
+    ("fp32, recompute geglu_projection, cached latents and text", ["--recompute", "geglu_projection", "--cache_latents", "--cache_text_embeddings"]),
 )
 
 

@@ -7,7 +7,7 @@ LoRA fp32). Per precision it reports, in ``extra_info`` and a printed table:
 * ATen ops dispatched and kernel-launching ops (views, detach, metadata excluded), stock and
   optimized, and their ratios (targets: dispatched <= 0.65x, launching <= 0.75x stock);
 * activation memory, the bytes autograd saves for the backward (target <= 0.70x stock);
-* the same for ``optimize(recompute_geglu_projection=True)`` (the feed-forward projection recomputed in
+* the same for ``optimize(recompute="geglu_projection")`` (the feed-forward projection recomputed in
   the backward instead of its output saved), in the third column;
 * step time (forward, backward, optimizer) with stock and optimized rounds interleaved on one model,
   so that load on the machine hits both alike.
@@ -94,7 +94,7 @@ def lora_step(request, bench_size, device):
 IMPLS: dict[str, dict | None] = {
     "stock": None,
     "npu_kernels": {},
-    "npu_kernels_recompute": {"recompute_geglu_projection": True},
+    "npu_kernels_recompute": {"recompute": "geglu_projection"},
 }
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.what_fits_where                 # every row (each plan traces SDXL: about a minute)
     python -m benchmarks.what_fits_where --precision bf16
 
-Rows: the diffusers recipe (stock modules, ``--kernels off``) and ours (default, ``--recompute_geglu_projection``,
+Rows: the diffusers recipe (stock modules, ``--kernels off``) and ours (default, ``--recompute geglu_projection``,
 with gradient checkpointing, with latent and text-embedding caching), in fp32 / fp16 / bf16, with the recipe's
 fp16-fix VAE. The plans are ``trainer.memory_plan.make_plan`` for a CUDA device (the allocator slack included),
 traced where this runs: on a CPU-only machine with the CPU's autocast rules, which keep normalisations in the
@@ -24,7 +24,7 @@ ROWS: tuple[tuple[str, list[str]], ...] = (
     ("stock (--kernels off)", ["--kernels", "off"]),
     ("stock + gradient checkpointing", ["--kernels", "off", "--gradient_checkpointing"]),
     ("ours (default)", []),
-    ("ours + --recompute_geglu_projection", ["--recompute_geglu_projection"]),
+    ("ours + --recompute geglu_projection", ["--recompute", "geglu_projection"]),
     ("ours + gradient checkpointing", ["--gradient_checkpointing"]),
     ("ours + caching (latents, text)", ["--cache_latents", "--cache_text_embeddings"]),
 )

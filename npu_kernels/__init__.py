@@ -8,7 +8,7 @@ Quick start::
     unet.set_attn_processor(npu_kernels.FusedAttnProcessor())
 """
 from npu_kernels.backends import BackendUnavailableError, use_backend
-from npu_kernels.diffusers_integration import FusedAttnProcessor, OptimizeReport, optimize, restore
+from npu_kernels.diffusers_integration import RECOMPUTE_LEVELS, FusedAttnProcessor, OptimizeReport, optimize, restore
 from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu, lora_linear
 from npu_kernels.report import backend_report
 
@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailableError",
     "FusedAttnProcessor",
     "OptimizeReport",
+    "RECOMPUTE_LEVELS",
     "backend_report",
     "cross_attention",
     "flash_attention",

@@ -336,8 +336,27 @@ def _is_group_norm(module: nn.Module | None) -> bool:
     return type(module) is nn.GroupNorm
 
 
+#: The recompute levels of :func:`optimize`, from keeping everything the fused ops need ("none", the
+#: default) to the most memory-frugal; each level recomputes what the levels before it do and more.
+RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "geglu_projection")
+
+
+def resolve_recompute(recompute: str = "none", recompute_geglu_projection: bool | None = None) -> str:
+    """The recompute level asked for: ``recompute``, or the old ``recompute_geglu_projection`` switch
+    (an alias of ``recompute="geglu_projection"``). Raises ``ValueError`` for an unknown level."""
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"optimize: recompute must be one of {', '.join(RECOMPUTE_LEVELS)}; got {recompute!r}")
+    if recompute_geglu_projection and recompute == "none":
+        return "geglu_projection"
+    return recompute
+
+
 def optimize(
-    model: nn.Module | DiffusionPipeline, frozen_weights: bool = True, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
+    model: nn.Module | DiffusionPipeline,
+    frozen_weights: bool = True,
+    geglu_approximate: str = "none",
+    recompute: str = "none",
+    recompute_geglu_projection: bool | None = None,
 ) -> OptimizeReport:
     """Install npu_kernels' fused ops on a diffusers model, in place.
 
@@ -348,10 +367,12 @@ def optimize(
     * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
       ``geglu_approximate`` (``"none"``: erf GELU, diffusers' maths; ``"tanh"`` reproduces what stock
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
-    * with ``recompute_geglu_projection`` (off by default), a ``GEGLU`` whose ``proj`` is a frozen
-      ``nn.Linear`` keeps the projection's input for the backward instead of its 8x wider output, and
-      recomputes the projection there (:func:`npu_kernels.geglu_projection`): a third less activation
-      memory in SDXL's transformer blocks for one more GEMM per feed-forward backward;
+    * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS` (``"none"`` by default): at
+      ``"geglu_projection"`` a ``GEGLU`` whose ``proj`` is a frozen ``nn.Linear`` keeps the projection's
+      input for the backward instead of its 8x wider output, and recomputes the projection there
+      (:func:`npu_kernels.geglu_projection`): a third less activation memory in SDXL's transformer
+      blocks for one more GEMM per feed-forward backward. ``recompute_geglu_projection=True`` is the
+      older name of that level;
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
       they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
       every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
@@ -365,15 +386,15 @@ def optimize(
     (transformers models) are left as they are. Calling it twice changes nothing more. Undo with
     :func:`restore`.
     """
+    recompute = resolve_recompute(recompute, recompute_geglu_projection)
     if not isinstance(model, nn.Module):
         return _optimize_pipeline(
-            model, frozen_weights=frozen_weights, geglu_approximate=geglu_approximate,
-            recompute_geglu_projection=recompute_geglu_projection,
+            model, frozen_weights=frozen_weights, geglu_approximate=geglu_approximate, recompute=recompute
         )
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
-    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_geglu_projection)
+    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_projection=recompute != "none")
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue

@@ -34,6 +34,9 @@ from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
 
 #: The value of --pretrained_model_name_or_path / --dataset_name that names the embedded assets.
 EMBEDDED = "embedded"
+#: npu_kernels.RECOMPUTE_LEVELS, written out so that parsing flags does not import the kernels
+#: (tests/trainer/test_cli.py holds the two equal).
+RECOMPUTE_LEVELS = ("none", "geglu_projection")
 
 DATASET_NAME_MAPPING: dict[str, tuple[str, str]] = {
     # diffusers' table (image column, caption column); the names Ascend's scripts use are added.
@@ -368,11 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
         " stock diffusers computes on Ascend NPU (npu_geglu approximate=1), to reproduce its numbers.",
     )
     add(
+        "--recompute",
+        type=str,
+        default="none",
+        choices=RECOMPUTE_LEVELS,
+        help="(--kernels on) what the fused ops recompute in the backward instead of keeping it, from none (the"
+        " default) to the most memory-frugal level (npu_kernels.optimize(recompute=...)). geglu_projection: each"
+        " feed-forward GEGLU keeps its projection's input instead of its 8x wider output and recomputes the"
+        " projection, one more GEMM per feed-forward backward. Same values and gradients at every level.",
+    )
+    add(
         "--recompute_geglu_projection",
-        action="store_true",
-        help="(--kernels on) keep each feed-forward GEGLU projection's input instead of its 8x wider output for the"
-        " backward and recompute the projection there: about a third less activation memory in the transformer"
-        " blocks for one more GEMM per feed-forward backward. Same values and gradients.",
+        dest="recompute",
+        action="store_const",
+        const="geglu_projection",
+        help="the older name of --recompute geglu_projection.",
     )
 
     # ---------------------------------------------------------------- graph mode (trainer.compiling)

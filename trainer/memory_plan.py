@@ -51,7 +51,7 @@ GIB = 1024**3
 #: Changes that lower a run's peak, tried in this order when it does not fit: (flags shown, overrides).
 MEMORY_SAVING_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--gradient_checkpointing", {"gradient_checkpointing": True}),
-    ("--recompute_geglu_projection", {"kernels": "on", "recompute_geglu_projection": True}),
+    ("--recompute geglu_projection", {"kernels": "on", "recompute": "geglu_projection"}),
     ("--cache_latents --cache_text_embeddings", {"cache_latents": True, "cache_text_embeddings": True}),
     ("--mixed_precision bf16", {"mixed_precision": "bf16"}),
 )
@@ -162,7 +162,7 @@ def prepare_step(
         )  # fmt: skip
         models.add_lora(components, args.rank, args.train_text_encoder)
         components.kernels_report = models.apply_kernels(
-            unet, args.kernels == "on", args.geglu_approximate, args.recompute_geglu_projection
+            unet, args.kernels == "on", args.geglu_approximate, args.recompute
         )
         if args.gradient_checkpointing:
             models.enable_gradient_checkpointing(components, args.train_text_encoder)
@@ -333,7 +333,9 @@ def describe(args: argparse.Namespace, mixed_precision: str) -> str:
     """The flags that shape the plan, in a few words."""
     words = [f"{args.resolution} px", f"batch {args.train_batch_size}", "fp32" if mixed_precision == "no" else mixed_precision,
              f"kernels {args.kernels}", f"rank {args.rank}"]  # fmt: skip
-    flags = ("recompute_geglu_projection", "gradient_checkpointing", "cache_latents", "cache_text_embeddings", "train_text_encoder")
+    if getattr(args, "recompute", "none") != "none":
+        words.append(f"recompute {args.recompute}")
+    flags = ("gradient_checkpointing", "cache_latents", "cache_text_embeddings", "train_text_encoder")
     words += [name for name in flags if getattr(args, name, False)]
     return ", ".join(words)
 

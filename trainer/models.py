@@ -221,27 +221,27 @@ def load_lora_into_pipeline(pipeline: Any, directory: str) -> None:
 
 
 def apply_kernels(
-    unet: torch.nn.Module, enabled: bool, geglu_approximate: str = "none", recompute_geglu_projection: bool = False
+    unet: torch.nn.Module, enabled: bool, geglu_approximate: str = "none", recompute: str = "none"
 ) -> dict[str, Any]:
     """Route the UNet through npu_kernels (``--kernels on``) and return what was swapped and left alone.
 
     Called after :func:`add_lora`: the fused attention processor calls ``attn.to_q`` etc., which PEFT has
     wrapped, so the LoRA path is part of every fused attention call. ``geglu_approximate`` (``--geglu_approximate``):
     ``"none"`` is diffusers' erf GELU; ``"tanh"`` what stock diffusers runs on NPU (``npu_geglu(approximate=1)``).
-    ``recompute_geglu_projection`` (``--recompute_geglu_projection``): keep the feed-forward projection's input
-    instead of its 8x wider output for the backward, recomputing the projection there.
+    ``recompute`` (``--recompute``): one of ``npu_kernels.RECOMPUTE_LEVELS``, what the fused ops recompute in
+    the backward instead of keeping it.
     """
     if not enabled:
         return {"enabled": False}
     import npu_kernels  # imports its kernels (seconds): not before a run needs them
 
     report = npu_kernels.optimize(
-        unet, geglu_approximate=geglu_approximate, recompute_geglu_projection=recompute_geglu_projection
+        unet, geglu_approximate=geglu_approximate, recompute=recompute
     )
     logger.info(str(report))
     return {
         "enabled": True, "geglu_approximate": geglu_approximate,
-        "recompute_geglu_projection": recompute_geglu_projection, **report.as_dict(),
+        "recompute": recompute, **report.as_dict(),
     }
 
 

@@ -106,7 +106,7 @@ def _train(
     models.enable_attention_backends(components.unet, config)
     models.add_lora(components, config.rank, config.train_text_encoder)
     components.kernels_report = models.apply_kernels(
-        components.unet, config.kernels == "on", config.geglu_approximate, config.recompute_geglu_projection
+        components.unet, config.kernels == "on", config.geglu_approximate, config.recompute
     )
     unwrap = models.Unwrapper(accelerator)
     models.register_checkpoint_hooks(accelerator, components, config, unwrap)

@@ -74,7 +74,7 @@ DIFFUSERS_FLAGS: dict[str, object] = {
 OUR_FLAGS = {
     "vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None,
     "use_npu_fused_adamw": False, "max_nonfinite_steps": 5, "geglu_approximate": "none",
-    "recompute_geglu_projection": False,
+    "recompute": "none",
 }  # fmt: skip
 
 
@@ -113,6 +113,17 @@ def test_parser_defaults_are_diffusers_defaults() -> None:
 def test_help_names_the_embedded_overrides(help_text: str) -> None:
     for key in EMBEDDED_OVERRIDES:
         assert f"--{key}" in help_text.split("embedded default:")[1]
+
+
+def test_recompute_levels_are_the_kernels_levels() -> None:
+    """--recompute offers exactly npu_kernels.RECOMPUTE_LEVELS; --recompute_geglu_projection is an alias."""
+    import npu_kernels
+    from trainer import args as trainer_args
+
+    assert trainer_args.RECOMPUTE_LEVELS == npu_kernels.RECOMPUTE_LEVELS
+    assert parse_args(["--recompute_geglu_projection"]).recompute == "geglu_projection"
+    most_frugal = npu_kernels.RECOMPUTE_LEVELS[-1]
+    assert parse_args(["--recompute", most_frugal]).recompute == most_frugal
 
 
 def test_ascend_names_are_aliases() -> None:

@@ -544,15 +544,15 @@ def test_geglu_approximate_reaches_the_fused_geglu(assets: Any, approximate: str
 
 
 def test_recompute_geglu_projection_keeps_the_narrow_input(assets: Any) -> None:
-    """--recompute_geglu_projection: the feed-forward GEGLUs save their projection's input, not its output."""
+    """--recompute geglu_projection: the feed-forward GEGLUs save their projection's input, not its output."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.activations import GEGLU
 
-    assert parse_args([]).recompute_geglu_projection is False
-    assert parse_args(["--recompute_geglu_projection"]).recompute_geglu_projection is True
+    assert parse_args([]).recompute == "none"
+    assert parse_args(["--recompute", "geglu_projection"]).recompute == "geglu_projection"
     unet = UNet2DConditionModel.from_pretrained(str(assets.model_dir), subfolder="unet").requires_grad_(False)
-    report = models.apply_kernels(unet, True, "none", True)
-    assert report["recompute_geglu_projection"] is True and report["geglu"] > 0
+    report = models.apply_kernels(unet, True, "none", "geglu_projection")
+    assert report["recompute"] == "geglu_projection" and report["geglu"] > 0
     geglu = next(m for m in unet.modules() if isinstance(m, GEGLU))
     x = torch.randn(2, 5, geglu.proj.in_features, requires_grad=True)
     out = geglu(x)

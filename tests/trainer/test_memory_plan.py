@@ -22,7 +22,7 @@ BASE = ["--resolution", "128", "--train_batch_size", "2"]
     [
         ["--kernels", "off"],
         ["--mixed_precision", "bf16", "--gradient_checkpointing"],
-        ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings"],
+        ["--recompute", "geglu_projection", "--cache_latents", "--cache_text_embeddings"],
     ],
     ids=["stock", "kernels-bf16-checkpointing", "kernels-recompute-cached"],
 )
@@ -71,7 +71,7 @@ def test_memory_plan_with_a_bad_flag_fails_as_preflight_does(assets: object, cap
 
 def test_a_run_that_will_not_fit_stops_naming_the_flags_that_fit(assets: object) -> None:
     # Every memory-saving flag but one already given: the verdict has one alternative to plan.
-    flags = ["--recompute_geglu_projection", "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
+    flags = ["--recompute", "geglu_projection", "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
     args = parse_args(BASE + flags)
     plan = memory_plan.make_plan(args, "cuda")  # traced on the CPU here; CUDA's allocator slack included
     assert any("resident but idle" in name for name, _ in plan.items)  # caching: VAE and encoders stay, idle
