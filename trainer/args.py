@@ -11,6 +11,8 @@ type and default, so existing launch scripts work unchanged, plus:
 * ``--cache_latents`` / ``--cache_text_embeddings``: run the frozen encoders once (see ``trainer.caching``).
 * ``--compile`` / ``--compile_mode`` / ``--compile_backend`` / ``--logging_steps``: graph mode (see ``trainer.compiling``).
 * ``--memory_plan`` / ``--ignore_memory_plan``: the planned peak memory (see ``trainer.memory_plan``).
+* ``--output_kohya_format``: diffusers' DreamBooth SDXL flag, the LoRA also in the kohya key layout
+  (see ``trainer.checkpointing.write_kohya_lora``).
 
 Unlike the diffusers script a run without any model or dataset flag is allowed: it trains the embedded
 tiny SDXL-shaped pipeline on the embedded shapes dataset (a smoke test). Otherwise nothing is filled in
@@ -28,6 +30,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from trainer.checkpointing import KOHYA_LORA_FILE
 from trainer.compiling import COMPILE_BACKENDS, COMPILE_MODES
 from trainer.embedded_default import EMBEDDED_OVERRIDES
 from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
@@ -37,6 +40,9 @@ EMBEDDED = "embedded"
 #: npu_kernels.RECOMPUTE_LEVELS, written out so that parsing flags does not import the kernels
 #: (tests/trainer/test_cli.py holds the two equal).
 RECOMPUTE_LEVELS = ("none", "geglu_projection")
+#: diffusers' --image_interpolation_mode choices: the names of torchvision's ``InterpolationMode`` in the
+#: order diffusers lists them (``dir()``), written out because torchvision is not a dependency here.
+IMAGE_INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
 
 DATASET_NAME_MAPPING: dict[str, tuple[str, str]] = {
     # diffusers' table (image column, caption column); the names Ascend's scripts use are added.
@@ -351,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--enable_npu_flash_attention", action="store_true", help="Whether or not to use npu flash attention.")
     add("--noise_offset", type=float, default=0, help="The scale of noise offset.")
     add("--rank", type=int, default=4, help="The dimension of the LoRA update matrices.")
+
+    # ---------------------------------------------------------------- newer diffusers flags, the kohya file
+    add(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=IMAGE_INTERPOLATION_MODES,
+        help="The image interpolation method to use for resizing images (torchvision's InterpolationMode names,"
+        " applied as torchvision applies them to PIL images: nearest_exact is PIL's nearest).",
+    )
+    add(
+        "--output_kohya_format",
+        action="store_true",
+        help="Also write the LoRA in the kohya key layout (AUTOMATIC1111, ComfyUI, Forge, kohya sd-scripts) as"
+        f" {KOHYA_LORA_FILE}, next to the diffusers file, in --output_dir and in every checkpoint (diffusers'"
+        " convert_state_dict_to_kohya, as its DreamBooth SDXL script's flag of the same name).",
+    )
 
     # ---------------------------------------------------------------- npu_kernels
     add(

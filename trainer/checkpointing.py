@@ -40,6 +40,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".checkpoint-"  # .checkpoint-<step>.partial (being written), .checkpoint-<step>.old (being removed)
 STATE_FILE = "trainer_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# --output_kohya_format: the same LoRA in the kohya key layout, named as diffusers' DreamBooth SDXL script names it.
+KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 # What accelerate's save_state writes for this trainer (the model itself is replaced by the LoRA file).
 REQUIRED_FILES = (LORA_FILE, "optimizer.bin", "scheduler.bin")
 
@@ -327,6 +329,38 @@ def load(accelerator: Any, checkpoint: Path, updates_per_epoch: int, current: Tr
         first_epoch=global_step // updates_per_epoch,
         skip_batches=(global_step % updates_per_epoch) * current.gradient_accumulation_steps,
     )
+
+
+# ----------------------------------------------------------------------------- the kohya file
+def write_kohya_lora(directory: str | os.PathLike) -> Path:
+    """Write :data:`KOHYA_LORA_FILE` from the diffusers-format :data:`LORA_FILE` in ``directory``.
+
+    Exactly what diffusers' DreamBooth SDXL script does for ``--output_kohya_format``: the saved file read
+    back, ``convert_all_state_dict_to_peft`` then ``convert_state_dict_to_kohya`` (``lora_unet_*`` /
+    ``lora_te1_*`` / ``lora_te2_*`` keys with ``lora_down`` / ``lora_up`` and an ``alpha`` per module).
+    ``directory`` is a staging directory (a checkpoint's, or the final LoRA's in ``trainer.atomic.replace_files``),
+    published once both files are written.
+    """
+    # diffusers: heavy, and not needed for --help or a preflight error
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(directory / LORA_FILE)))
+    save_file(kohya, str(directory / KOHYA_LORA_FILE))
+    return directory / KOHYA_LORA_FILE
+
+
+def register_kohya_export(accelerator: Any) -> None:
+    """``--output_kohya_format`` for checkpoints: registered after the LoRA save hook
+    (trainer.models.register_checkpoint_hooks), it adds the kohya file next to the checkpoint's LoRA file
+    (main process; inside the staging directory, so it is published with the rest of the checkpoint)."""
+
+    def hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            write_kohya_lora(output_dir)
+
+    accelerator.register_save_state_pre_hook(hook)
 
 
 # ----------------------------------------------------------------------------- write hook

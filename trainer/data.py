@@ -4,7 +4,8 @@ Preprocessing reproduces diffusers' ``train_text_to_image_lora_sdxl.py`` transfo
 PIL and torch instead of torchvision (whose builds are tied to one torch build):
 
 * ``original_size`` is recorded as (height, width) before anything else;
-* resize of the shorter side to ``--resolution`` (bilinear, torchvision's output-size rounding);
+* resize of the shorter side to ``--resolution`` (``--image_interpolation_mode``, default lanczos: torchvision's
+  filter for PIL images and its output-size rounding);
 * random horizontal flip *before* the crop (current diffusers; older versions flipped after it);
 * center crop or random crop (``torch.randint`` exactly as ``RandomCrop.get_params``), whose
   top-left (y, x) becomes ``crops_coords_top_left`` in the UNet's time ids;
@@ -113,18 +114,25 @@ def tokenize_prompt(tokenizer: Any, prompt: str | list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def resize_shorter_side(image: Any, size: int) -> Any:
-    """``torchvision.transforms.Resize(size, BILINEAR)`` on a PIL image: shorter side to ``size``, the
-    longer one scaled and truncated to int, as torchvision computes it."""
-    from PIL import Image
+#: ``--image_interpolation_mode`` -> PIL resampling filter: torchvision's ``pil_modes_mapping``, what its
+#: ``Resize`` passes to ``PIL.Image.resize`` for a PIL image (as in diffusers' script). PIL has no exact
+#: nearest, so torchvision maps ``nearest_exact`` to PIL's nearest too.
+PIL_RESAMPLING = {
+    "nearest": 0, "nearest_exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5,
+}  # fmt: skip
 
+
+def resize_shorter_side(image: Any, size: int, interpolation: str = "lanczos") -> Any:
+    """``torchvision.transforms.Resize(size, interpolation)`` on a PIL image: shorter side to ``size``, the
+    longer one scaled and truncated to int, as torchvision computes it; ``interpolation`` is one of
+    :data:`PIL_RESAMPLING` (``--image_interpolation_mode``, default lanczos as diffusers')."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     if short == size:
         return image
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    return image.resize((new_w, new_h), Image.BILINEAR)
+    return image.resize((new_w, new_h), PIL_RESAMPLING[interpolation])
 
 
 def to_normalized_tensor(image: Any) -> torch.Tensor:
@@ -265,6 +273,7 @@ class SDXLPreprocessor:
     random_flip: bool = False
     debug_loss: bool = False
     source: str = "dataset"  # names the dataset in bad-image and caption messages
+    interpolation: str = "lanczos"  # --image_interpolation_mode
 
     def crop_params(self, height: int, width: int) -> tuple[int, int]:
         """Top-left (y, x) of the crop; torch RNG for random crops as ``RandomCrop.get_params``."""
@@ -288,7 +297,7 @@ class SDXLPreprocessor:
         original_size = (image.height, image.width)
         if min(original_size) < self.resolution:
             warn_upscaled_once(original_size, self.resolution, self.source)
-        image = resize_shorter_side(image, self.resolution)
+        image = resize_shorter_side(image, self.resolution, self.interpolation)
         if (self.random_flip and random.random() < 0.5) if flip is None else flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         y1, x1 = self.crop_params(image.height, image.width)
@@ -465,6 +474,7 @@ def build_train_dataset(
             random_flip=args.random_flip,
             debug_loss=args.debug_loss,
             source=source,
+            interpolation=getattr(args, "image_interpolation_mode", "lanczos"),
         )
         # getattr: callers that build their Namespace by hand predate --on_bad_image.
         on_bad_image = getattr(args, "on_bad_image", "skip")

@@ -14,15 +14,16 @@ What is checked:
   ``--output_dir`` / ``--logging_dir`` (creatable and writable), ``--resume_from_checkpoint`` (exists),
   ``--max_nonfinite_steps`` (at least 1), the caching flags (``trainer.caching.check_flags``);
 * flags that need a library or device: ``--use_8bit_adam`` (bitsandbytes),
-  ``--enable_xformers_memory_efficient_attention`` (xformers), ``--enable_npu_flash_attention`` and
+  ``--enable_xformers_memory_efficient_attention`` (xformers on CUDA), ``--enable_npu_flash_attention`` and
   ``--use_npu_fused_adamw`` (an Ascend NPU); ``--compile`` / ``--compile_mode`` (``trainer.compiling.check_flags``:
   reduce-overhead needs CUDA, an NPU needs torchair, a mode needs --compile), ``--logging_steps`` (at least 1);
+* ``--push_to_hub`` (:func:`check_hub`): the Hub reachable and the token accepted, the one network check;
 * the model: a local ``--pretrained_model_name_or_path`` has every SDXL subfolder with its config and
   weights; a local ``--vae_name`` is a diffusers ``AutoencoderKL``;
 * the dataset: it exists and has rows, ``--image_column`` / ``--caption_column`` exist and hold images /
   captions, and no caption is missing (``None``) or an empty list.
 
-Hub ids (``stabilityai/...``) are not looked up: that needs the network, and ``from_pretrained`` /
+Hub ids (``stabilityai/...``) of models and datasets are not looked up: that needs the network, and ``from_pretrained`` /
 ``load_dataset`` report their own errors. Unreadable images can only be found while reading them; see
 ``trainer.data.BadImageGuard`` and ``--on_bad_image``.
 """
@@ -109,6 +110,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_resume(args.resume_from_checkpoint, args.output_dir)
     if not args.memory_plan:  # a plan writes nothing: another run's results in --output_dir do not matter
         ownership.check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    check_hub(args)  # last: the only check that uses the network
 
 
 def check_model_given(args: argparse.Namespace) -> None:
@@ -137,6 +139,12 @@ def check_optional_features(args: argparse.Namespace, device_type: str) -> None:
         raise InputError("--use_8bit_adam needs the bitsandbytes library: pip install bitsandbytes")
     if getattr(args, "use_npu_fused_adamw", False) and device_type != "npu":
         raise InputError(f"--use_npu_fused_adamw needs an Ascend NPU (torch_npu); this run trains on the {device_type}")
+    if args.enable_xformers_memory_efficient_attention and device_type != "cuda":
+        # what diffusers' enable_xformers_memory_efficient_attention raises (as a traceback) off CUDA
+        raise InputError(
+            f"--enable_xformers_memory_efficient_attention needs a CUDA GPU (xformers' attention is GPU-only); this run"
+            f" trains on the {device_type}"
+        )
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
     if args.enable_npu_flash_attention and device_type != "npu":
@@ -233,6 +241,58 @@ def check_resume(value: str | None, output_dir: str) -> None:
     existing = checkpointing.list_checkpoints(output_dir)
     found = f"checkpoints in {output_dir}: {', '.join(existing)}" if existing else f"no checkpoints in {output_dir}"
     raise InputError(f"--resume_from_checkpoint {value} does not exist ({found})")
+
+
+# ----------------------------------------------------------------------------- the Hub (--push_to_hub)
+HUB_TIMEOUT_S = 10.0  # for the reachability probe: an unreachable Hub must not stall the launch
+
+
+def hub_repo_id(args: argparse.Namespace) -> str:
+    """The repository ``--push_to_hub`` uploads to: ``--hub_model_id``, else ``--output_dir``'s name (diffusers' rule)."""
+    return args.hub_model_id or Path(args.output_dir).name
+
+
+def check_hub(args: argparse.Namespace) -> None:
+    """``--push_to_hub`` can upload at the end: a valid repository id, the Hub reachable, a token it accepts.
+
+    Checked now, so that an upload that cannot happen stops the launch in one line (exit status 2) instead
+    of failing after the training (diffusers' script meets the network first in ``create_repo``, with a
+    traceback). ``--hub_model_id`` without ``--push_to_hub`` would upload nothing: refused too.
+    """
+    if args.hub_model_id is not None and not args.push_to_hub:
+        raise InputError(f"--hub_model_id {args.hub_model_id} without --push_to_hub uploads nothing: add --push_to_hub or leave it out")
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import constants, get_session, get_token, whoami  # the network client: --push_to_hub only
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = hub_repo_id(args)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        flag = "--hub_model_id" if args.hub_model_id else "--push_to_hub (named after --output_dir; pass --hub_model_id)"
+        raise InputError(f"{flag}: {repo_id!r} is not a Hub repository id ({one_line(error)})") from None
+    later = "or train without --push_to_hub and upload --output_dir afterwards (hf upload)"
+    if hub_offline():
+        raise InputError(f"--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, {later}")
+    endpoint = constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - requests' or httpx's network errors, by huggingface_hub release
+        raise InputError(
+            f"--push_to_hub: cannot reach the Hub at {endpoint} ({type(error).__name__}: {one_line(error)}); check the"
+            f" network (or HF_ENDPOINT), {later}"
+        ) from None
+    token = args.hub_token or get_token()
+    if not token:
+        raise InputError("--push_to_hub needs a Hugging Face token with write access: `hf auth login` (or HF_TOKEN), or --hub_token")
+    try:
+        whoami(token=token)
+    except HfHubHTTPError as error:
+        raise InputError(f"--push_to_hub: the Hub at {endpoint} refused the token ({one_line(error)})") from None
+    except Exception as error:  # noqa: BLE001 - network errors, as above
+        raise InputError(f"--push_to_hub: cannot reach the Hub at {endpoint} ({type(error).__name__}: {one_line(error)}); {later}") from None
 
 
 # ----------------------------------------------------------------------------- model
@@ -384,9 +444,14 @@ def _meta_model_shapes(folder: Path) -> dict[str, list[int]] | None:
     return {key: list(value.shape) for key, value in model.state_dict().items()}
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set (huggingface_hub's spellings of true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def check_hub_ids_offline(args: argparse.Namespace) -> None:
     """With ``HF_HUB_OFFLINE`` set, a hub id must already be in the cache: said before anything loads."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE"):
+    if not hub_offline():
         return
     from huggingface_hub import snapshot_download
 

@@ -110,6 +110,8 @@ def _train(
     )
     unwrap = models.Unwrapper(accelerator)
     models.register_checkpoint_hooks(accelerator, components, config, unwrap)
+    if config.output_kohya_format:  # after the LoRA save hook: converts the file it wrote
+        checkpointing.register_kohya_export(accelerator)
     checkpointing.register_write_hook(accelerator, hooks.inside_checkpoint_write)
     if config.gradient_checkpointing:
         models.enable_gradient_checkpointing(components, config.train_text_encoder)
@@ -223,7 +225,7 @@ def _train(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             check_weights(params_to_optimize, final_step, checkpointing.LORA_FILE)
-            _save_lora_weights(Path(config.output_dir), run, unwrap, config.train_text_encoder)
+            _save_lora_weights(Path(config.output_dir), run, unwrap, config.train_text_encoder, config.output_kohya_format)
     except errors.TrainingAborted:
         stop.restore()
         accelerator.end_training()  # flush the trackers: the curve up to the fault is kept
@@ -354,7 +356,12 @@ def _prepare_output_dir(args: argparse.Namespace, accelerator: Any) -> str | Non
         return None
     from huggingface_hub import create_repo  # only for --push_to_hub
 
-    return create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+    repo_id = preflight.hub_repo_id(args)
+    try:
+        return create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as error:  # noqa: BLE001 - huggingface_hub's HTTP/network errors differ by release
+        # Preflight reached the Hub and checked the token; e.g. no right to create in that namespace.
+        raise errors.InputError(f"--push_to_hub: cannot create the Hub repository {repo_id} ({errors.one_line(error)})") from None
 
 
 def _resolve_embedded(args: argparse.Namespace, accelerator: Any) -> argparse.Namespace:
@@ -501,13 +508,26 @@ def _data_seed(args: argparse.Namespace, accelerator: Any, resume_from: Path | N
     return distributed.broadcast_int(accelerator, secrets.randbits(62))
 
 
-def _save_lora_weights(output_dir: Path, run: PreparedRun, unwrap: models.Unwrapper, with_text_encoders: bool) -> None:
-    """``pytorch_lora_weights.safetensors`` as diffusers writes it, replacing any previous file atomically."""
+def _save_lora_weights(
+    output_dir: Path, run: PreparedRun, unwrap: models.Unwrapper, with_text_encoders: bool, kohya: bool
+) -> None:
+    """``pytorch_lora_weights.safetensors`` as diffusers writes it (and with ``kohya`` its kohya-layout copy,
+    ``--output_kohya_format``), replacing any previous file atomically."""
     text_encoders = [unwrap(m) for m in run.text_encoders] if with_text_encoders else [None, None]
+
+    def write(tmp: Path) -> None:
+        models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders)
+        if kohya:
+            checkpointing.write_kohya_lora(tmp)
+
     try:
-        replace_files(output_dir, lambda tmp: models.save_lora_weights(str(tmp), unwrap(run.unet), *text_encoders))
+        replace_files(output_dir, write)
     except OSError as error:  # e.g. a full disk: the temporary copy is gone, a previous LoRA file untouched
         raise atomic.write_failed(error, checkpointing.LORA_FILE, output_dir) from None
+    stale_kohya = output_dir / checkpointing.KOHYA_LORA_FILE
+    if not kohya and stale_kohya.is_file():  # an earlier run's (--overwrite_output_dir): not this LoRA
+        stale_kohya.unlink()
+        logger.warning(f"Removed {stale_kohya}: it held an earlier run's LoRA (pass --output_kohya_format for a new one)")
 
 
 def _gather_skipped_images(skipped: data.SkippedImages) -> list[str]:
@@ -539,6 +559,7 @@ def _push_to_hub(args: argparse.Namespace, repo_id: str, image_paths: list[str])
     )
     card = load_or_create_model_card(
         repo_id_or_path=repo_id,
+        token=args.hub_token,
         from_training=True,
         license="creativeml-openrail-m",
         base_model=args.pretrained_model_name_or_path,
@@ -547,8 +568,11 @@ def _push_to_hub(args: argparse.Namespace, repo_id: str, image_paths: list[str])
     )
     tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "diffusers-training", "lora"]
     populate_model_card(card, tags=tags).save(os.path.join(args.output_dir, "README.md"))
+    # diffusers' ignore patterns, plus this trainer's lock file and staging leftovers (never results).
+    ignore = ["step_*", "epoch_*", ownership.LOCK_FILE, ".tmp-*", f"{checkpointing.STAGING_PREFIX}*"]
     upload_folder(
-        repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["step_*", "epoch_*"]
+        repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=ignore,
+        token=args.hub_token,
     )
 
 

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.trainer.finished_run import finished_run  # noqa: F401 - a fixture several modules share
 from trainer.embedded_default import ensure_assets
 
 

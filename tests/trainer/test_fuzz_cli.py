@@ -26,14 +26,11 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.trainer.finished_run import RUN, FinishedRun
 from tests.trainer.runs import LORA_FILE, TINY, BackgroundRun, file_digests, summary
 from tests.trainer.test_bad_inputs import run_cli, shapes_dataset
 from trainer import checkpointing, ownership
 from trainer.hooks import TrainingHooks
-
-# 5 images in batches of 2: every epoch ends with a partial batch of 1 (steps 3 and 6).
-RUN = ["--max_train_samples", "5", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
-       "--num_validation_images", "0", "--report_to", "none"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +44,11 @@ def _asset_cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
-    """One finished tiny run: LoRA, summary, checkpoint-2 and checkpoint-4 (the cases check it never changes)."""
-    out = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NPU_KERNELS_CACHE", str(cache))
-        status, err = run_cli([*RUN, "--output_dir", str(out)])
-    assert status == 0, err[-3000:]
-    return out
+def finished(finished_run: FinishedRun) -> Path:
+    """The session's finished tiny run (tests/trainer/finished_run.py): LoRA, its kohya copy, summary,
+    checkpoint-2 and checkpoint-4 (the cases check it never changes); its upload failed at the end."""
+    assert finished_run.returncode == 3, finished_run.stderr[-3000:]
+    return finished_run.dir
 
 
 def error_lines(stderr: str) -> list[str]:
