@@ -195,6 +195,19 @@ def _patched(patch: Callable[[pytest.MonkeyPatch], None], flags: list[str]) -> C
     return build
 
 
+def _unreachable_hub(mp: pytest.MonkeyPatch) -> None:
+    """HF_ENDPOINT pointing at a local port nobody listens on (what HF_ENDPOINT sets when huggingface_hub is
+    imported): the Hub cannot be reached, whatever network this machine has."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+
+
 def _mkdir(name: str, flag: str) -> Callable[[Path, Any, pytest.MonkeyPatch], list[str]]:
     def build(tmp: Path, assets: Any, mp: pytest.MonkeyPatch) -> list[str]:
         (tmp / name).mkdir()
@@ -239,6 +252,17 @@ CASES = [
     Case("output_dir_is_a_file", _output_is_file, r"^--output_dir \S+/out.txt exists and is not a directory$"),
     Case("resume_missing", lambda tmp, a, mp: ["--resume_from_checkpoint", "checkpoint-7"],
          r"^--resume_from_checkpoint checkpoint-7 does not exist \(no checkpoints in \S+/out\)$"),
+    Case("xformers_off_cuda", _patched(_device("cpu"), ["--enable_xformers_memory_efficient_attention"]),
+         r"^--enable_xformers_memory_efficient_attention needs a CUDA GPU \(xformers' attention is GPU-only\); this run trains on the cpu$"),
+    # --push_to_hub: the Hub is checked before anything loads
+    Case("push_to_hub_unreachable", _patched(_unreachable_hub, ["--push_to_hub"]),
+         r"^--push_to_hub: cannot reach the Hub at http://127.0.0.1:\d+ \(\w*Error: .*\); check the network"),
+    Case("push_to_hub_offline", _patched(lambda mp: mp.setenv("HF_HUB_OFFLINE", "1"), ["--push_to_hub"]),
+         r"^--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded"),
+    Case("hub_model_id_without_push_to_hub", lambda tmp, a, mp: ["--hub_model_id", "me/lora"],
+         r"^--hub_model_id me/lora without --push_to_hub uploads nothing: add --push_to_hub or leave it out$"),
+    Case("hub_model_id_invalid", lambda tmp, a, mp: ["--push_to_hub", "--hub_model_id", "me/lora/v2"],
+         r"^--hub_model_id: 'me/lora/v2' is not a Hub repository id \("),
     # model folders
     Case("model_missing", lambda tmp, a, mp: ["--pretrained_model_name_or_path", str(tmp / "nope")],
          r"^--pretrained_model_name_or_path \S+/nope: no such directory$"),

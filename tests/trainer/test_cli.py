@@ -14,7 +14,8 @@ from trainer.embedded_default import EMBEDDED_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Every argument of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py and its default.
+# Every argument of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py and its default, as of
+# huggingface/diffusers@58eb52c0803ea9af3abec60841c2a093bdf1f951 (2026-08-23).
 DIFFUSERS_FLAGS: dict[str, object] = {
     "pretrained_model_name_or_path": None,  # required there; here too, unless no dataset is given either
     "pretrained_vae_model_name_or_path": None,
@@ -70,11 +71,18 @@ DIFFUSERS_FLAGS: dict[str, object] = {
     "noise_offset": 0,
     "rank": 4,
     "debug_loss": False,
+    "image_interpolation_mode": "lanczos",
+}
+# The flags of that script with choices, and the choices in its order (image_interpolation_mode: the
+# lower-cased names of torchvision's InterpolationMode, as dir() lists them).
+DIFFUSERS_CHOICES: dict[str, list[str]] = {
+    "mixed_precision": ["no", "fp16", "bf16"],
+    "image_interpolation_mode": ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"],
 }
 OUR_FLAGS = {
     "vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None,
     "use_npu_fused_adamw": False, "max_nonfinite_steps": 5, "geglu_approximate": "none",
-    "recompute": "none",
+    "recompute": "none", "output_kohya_format": False,
 }  # fmt: skip
 
 
@@ -108,6 +116,47 @@ def test_parser_defaults_are_diffusers_defaults() -> None:
     for flag, default in DIFFUSERS_FLAGS.items():
         assert defaults[flag] == default, flag
         assert type(defaults[flag]) is type(default), flag
+
+
+def test_choices_are_diffusers_choices() -> None:
+    actions = {action.dest: action for action in build_parser()._actions}  # noqa: SLF001 - no public listing
+    for flag, choices in DIFFUSERS_CHOICES.items():
+        assert list(actions[flag].choices) == choices, flag
+
+
+@pytest.mark.parametrize("mode", DIFFUSERS_CHOICES["image_interpolation_mode"])
+def test_image_interpolation_mode_is_the_resize_filter(mode: str, assets: object) -> None:
+    """--image_interpolation_mode reaches the training transform: the pixels are those of torchvision's
+    ``Resize(interpolation=mode)`` on a PIL image, i.e. ``PIL.Image.resize`` with torchvision's filter for
+    that mode (its ``pil_modes_mapping``: nearest_exact is PIL's nearest), then the center crop."""
+    import contextlib
+
+    import numpy as np
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    from trainer import data
+
+    torchvision_pil_filter = {
+        "nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+        "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS,
+    }  # fmt: skip
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(45, 67, 3), dtype=np.uint8))  # odd sizes, 67x45
+    loaded = Dataset.from_dict({"image": [image], "text": ["noise"]}, features=Features({"image": ImageFeature(), "text": Value("string")}))
+    args = parse_args(["--dataset_name", "in-memory", "--pretrained_model_name_or_path", "x", "--resolution", "32",
+                       "--center_crop", "--image_interpolation_mode", mode])  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(str(assets.model_dir / "tokenizer"))
+    pixels = data.build_train_dataset(args, tokenizer, tokenizer, contextlib.nullcontext, loaded=loaded)[0]["pixel_values"]
+
+    resized = image.resize((int(32 * 67 / 45), 32), torchvision_pil_filter[mode])  # 47x32
+    left = int(round((resized.width - 32) / 2.0))
+    expected = (np.asarray(resized.crop((left, 0, left + 32, 32)), dtype=np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    np.testing.assert_array_equal(pixels.numpy(), expected)
+    if mode != "lanczos":  # each filter gives other pixels than the default (the flag is not ignored)
+        assert not np.array_equal(pixels.numpy(), data.SDXLPreprocessor(None, None, "image", "text", 32, center_crop=True).transform_image(image)[0].numpy())
 
 
 def test_help_names_the_embedded_overrides(help_text: str) -> None:

@@ -315,6 +315,27 @@ def test_failing_optional_step_keeps_the_results_and_exits_3(
     assert len(upscaled) == 1 and "--resolution 128" in upscaled[0].getMessage()
 
 
+def test_a_failed_upload_keeps_the_finished_run_and_exits_3(finished_run: FinishedRun) -> None:
+    """--push_to_hub to a Hub that refuses the upload (tests/trainer/fake_hub.py): preflight reached it and
+    had the token accepted before training; the upload, after the final save, fails in one line, exit 3,
+    and the LoRA, its kohya copy, the summary and the checkpoints stay."""
+    from tests.trainer.fake_hub import REFUSAL
+    from tests.trainer.finished_run import HUB_REPO
+
+    assert_one_line(
+        finished_run.returncode, finished_run.stderr, 3,
+        rf"^error: upload to the hub failed: .*{REFUSAL}.* \(the LoRA and summary.json are saved in {finished_run.dir}\)$",
+    )  # fmt: skip
+    requests = finished_run.hub_requests
+    asked = [r for r in requests if r in ("GET /api/whoami-v2", "POST /api/repos/create")]
+    assert asked == ["GET /api/whoami-v2", "POST /api/repos/create"], requests  # the token checked, then the repo made
+    assert any(f"/{HUB_REPO}/" in r and "/resolve/" not in r for r in requests), requests  # the upload was attempted
+    done = finished_run.dir
+    assert {LORA_FILE, checkpointing.KOHYA_LORA_FILE, "summary.json"} <= {p.name for p in done.iterdir()}
+    assert checkpointing.list_checkpoints(done) == ["checkpoint-2", "checkpoint-4"]
+    assert summary(done)["last_step"] == 4 and summary(done)["interrupted"] is None
+
+
 def test_a_checkpoint_of_another_rank_without_its_run_record_is_one_line(tmp_path: Path, finished: Path) -> None:
     """A checkpoint that predates run records (or comes from diffusers' script) cannot be told apart in
     advance: its load fails with pages of "size mismatch", reported as one line."""
