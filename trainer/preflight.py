@@ -263,7 +263,7 @@ def check_hub(args: argparse.Namespace) -> None:
         raise InputError(f"--hub_model_id {args.hub_model_id} without --push_to_hub uploads nothing: add --push_to_hub or leave it out")
     if not args.push_to_hub:
         return
-    from huggingface_hub import constants, get_session, get_token, whoami  # the network client: --push_to_hub only
+    from huggingface_hub import HfApi, constants, get_session, get_token  # the network client: --push_to_hub only
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -288,7 +288,7 @@ def check_hub(args: argparse.Namespace) -> None:
     if not token:
         raise InputError("--push_to_hub needs a Hugging Face token with write access: `hf auth login` (or HF_TOKEN), or --hub_token")
     try:
-        whoami(token=token)
+        HfApi(endpoint=endpoint).whoami(token=token)
     except HfHubHTTPError as error:
         raise InputError(f"--push_to_hub: the Hub at {endpoint} refused the token ({one_line(error)})") from None
     except Exception as error:  # noqa: BLE001 - network errors, as above

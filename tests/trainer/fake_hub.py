@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub that lets ``--push_to_hub`` start and refuses the upload.
 
-It answers what the trainer asks before training (``HEAD /``, ``whoami``), ``create_repo`` and the model
+It answers what the trainer asks before training (``HEAD /``, ``whoami``: 401 for :data:`BAD_TOKEN`), ``create_repo`` and the model
 card lookup (no README yet), and refuses everything else, i.e. the upload itself, with HTTP 403, the way
 the Hub answers a token without write access. The trainer's real huggingface_hub client talks to it
 through ``HF_ENDPOINT`` (read when huggingface_hub is imported: a trainer subprocess sets it).
@@ -15,6 +15,7 @@ from typing import Iterator
 
 USER = "tester"
 REFUSAL = "write access refused by the test Hub"
+BAD_TOKEN = "hf_revoked"  # whoami answers 401 for it
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
         if self.path == "/":
             self._reply(200)
+        elif self.path == "/api/whoami-v2" and self.headers.get("Authorization") == f"Bearer {BAD_TOKEN}":
+            self._reply(401, {"error": "Invalid credentials in Authorization header"})
         elif self.path == "/api/whoami-v2":
             self._reply(200, {"type": "user", "name": USER, "auth": {"accessToken": {"role": "write"}}})
         elif self.path == "/api/repos/create":

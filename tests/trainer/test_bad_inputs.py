@@ -325,6 +325,31 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
         assert not loaded, f"{case.name}: the model was loaded before the error"
 
 
+@pytest.mark.parametrize("token", ["revoked", "none"])
+def test_push_to_hub_without_a_token_the_hub_accepts_is_one_line(
+    token: str, tmp_path: Path, assets: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub is reachable (a local stand-in, tests/trainer/fake_hub.py) but the token is refused, or there
+    is none: exit 2 before anything loads or is written."""
+    from huggingface_hub import constants
+
+    from tests.trainer.fake_hub import BAD_TOKEN, fake_hub
+
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))  # no `hf auth login` token either
+    flags = ["--hub_token", BAD_TOKEN] if token == "revoked" else []
+    out = tmp_path / "out"
+    with fake_hub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        status, stderr = run_cli(["--push_to_hub", *flags, "--output_dir", str(out), "--report_to", "none"])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == EXIT_INPUT_ERROR and len(errors) == 1 and "Traceback" not in stderr, stderr
+    expected = r"the Hub at \S+ refused the token \(.+\)$" if token == "revoked" else r"needs a Hugging Face token with write access"
+    assert re.search(rf"^error: --push_to_hub:? {expected}", errors[0]), errors[0]
+    assert "POST /api/repos/create" not in hub.requests and not out.exists()
+
+
 def test_main_raises_input_error_and_the_cli_runs_as_a_subprocess(tmp_path: Path) -> None:
     """``main(argv)`` raises (for callers); ``python -m trainer.sdxl_lora`` prints one line, exits 2."""
     from trainer.sdxl_lora import main
