@@ -229,8 +229,8 @@ def _absent(module: str) -> bool:
 
 REFUSALS = [
     ("--use_8bit_adam", "bitsandbytes", "error: --use_8bit_adam needs the bitsandbytes library: pip install bitsandbytes"),
-    ("--enable_xformers_memory_efficient_attention", "xformers",
-     "error: --enable_xformers_memory_efficient_attention needs xformers: pip install xformers"),
+    ("--enable_xformers_memory_efficient_attention", "xformers",  # off CUDA the device is named first
+     "error: --enable_xformers_memory_efficient_attention needs a CUDA GPU (xformers' attention is GPU-only); this run trains on the cpu"),
     ("--enable_npu_flash_attention", None, "error: --enable_npu_flash_attention needs an Ascend NPU (torch_npu); this run trains on the cpu"),
     ("--use_npu_fused_adamw", None, "error: --use_npu_fused_adamw needs an Ascend NPU (torch_npu); this run trains on the cpu"),
 ]  # fmt: skip
