@@ -294,8 +294,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoints(tmp_path: 
 def test_failing_optional_step_keeps_the_results_and_exits_3(
     tmp_path: Path, finished: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """--overwrite_output_dir replaces a finished run (its checkpoints go first); the final images then
-    fail: the new LoRA and summary are already saved. Tiny images (64 px) at --resolution 128: said once."""
+    """--overwrite_output_dir replaces a finished run (its checkpoints go first; its kohya file, with no
+    --output_kohya_format now, too); the final images then fail: the new LoRA and summary are already
+    saved. Tiny images (64 px) at --resolution 128: said once."""
     import trainer.sdxl_lora
 
     out = tmp_path / "out"
@@ -310,6 +311,7 @@ def test_failing_optional_step_keeps_the_results_and_exits_3(
         status, stderr = run_cli([*RUN, "--max_train_steps", "1", "--resolution", "128", "--overwrite_output_dir", "--output_dir", str(out)])
     assert_one_line(status, stderr, 3, r"^error: final validation images failed: division by zero \(the LoRA and summary.json are saved in ")
     assert (out / LORA_FILE).is_file() and (out / "summary.json").read_bytes() != old_summary
+    assert not (out / checkpointing.KOHYA_LORA_FILE).exists()  # the old run's kohya copy: it no longer matched
     assert summary(out)["last_step"] == 1 and checkpointing.list_checkpoints(out) == []
     upscaled = [r for r in caplog.records if "are upscaled to it" in r.getMessage()]
     assert len(upscaled) == 1 and "--resolution 128" in upscaled[0].getMessage()
