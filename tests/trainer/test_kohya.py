@@ -18,6 +18,13 @@ from trainer.checkpointing import KOHYA_LORA_FILE, LORA_FILE
 from trainer.models import pipeline_dtype_kwargs
 
 
+@pytest.fixture(scope="module")
+def run_dir(finished_run: FinishedRun) -> Path:
+    """The run's folder, once it is known to have trained and saved (its upload fails by design: exit 3)."""
+    assert finished_run.returncode == 3 and (finished_run.dir / LORA_FILE).is_file(), finished_run.stderr[-3000:]
+    return finished_run.dir
+
+
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -29,10 +36,10 @@ def _sorted_bytes(tensors: list[torch.Tensor]) -> list[bytes]:
 
 
 @pytest.mark.parametrize("folder", [".", "checkpoint-2", "checkpoint-4"])
-def test_a_kohya_file_is_written_next_to_every_lora_file(finished_run: FinishedRun, folder: str) -> None:
+def test_a_kohya_file_is_written_next_to_every_lora_file(run_dir: Path, folder: str) -> None:
     """Same tensors, kohya's names: ``lora_unet_<module>.lora_down/.lora_up.weight`` and an ``alpha`` per
     module equal to the rank (the trainer's ``lora_alpha``, so the scale stays 1)."""
-    root = finished_run.dir / folder
+    root = run_dir / folder
     ours, kohya = _tensors(root / LORA_FILE), _tensors(root / KOHYA_LORA_FILE)
     modules = {key.split(".")[0] for key in kohya}
     assert all(m.startswith("lora_unet_") for m in modules), sorted(modules)[:3]
@@ -48,15 +55,15 @@ def test_a_kohya_file_is_written_next_to_every_lora_file(finished_run: FinishedR
 
 
 @pytest.fixture(scope="module")
-def pipeline_with_both(finished_run: FinishedRun, assets: Any) -> Any:
+def pipeline_with_both(run_dir: Path, assets: Any) -> Any:
     """The embedded pipeline with the run's LoRA loaded twice by ``load_lora_weights``: from the diffusers
     file (adapter ``diffusers``) and from the kohya file (adapter ``kohya``)."""
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(assets.model_dir), **pipeline_dtype_kwargs(torch.float32))
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(finished_run.dir), weight_name=LORA_FILE, adapter_name="diffusers")
-    pipe.load_lora_weights(str(finished_run.dir), weight_name=KOHYA_LORA_FILE, adapter_name="kohya")
+    pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE, adapter_name="diffusers")
+    pipe.load_lora_weights(str(run_dir), weight_name=KOHYA_LORA_FILE, adapter_name="kohya")
     return pipe
 
 
