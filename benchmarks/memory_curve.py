@@ -67,6 +67,7 @@ from tests.reference import assert_as_accurate_as_stock, assert_close
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: size -> (UNet config, latent size): the launch-count benchmark's full and smoke models.
 SIZES = {"full": (NARROW_SDXL_UNET_CONFIG, 32), "tiny": (TINY_UNET_CONFIG, 16)}
+SIZE_NAMES = {"full": "SDXL-structure UNet (narrow widths, 256 px)", "tiny": "tiny UNet (128 px)"}
 #: optimize()'s own default level: the host-bound check compares it with stock.
 DEFAULT_LEVEL: str = inspect.signature(npu_kernels.optimize).parameters["recompute"].default
 _BACKWARD = "memory_curve.backward"  # marks where the backward starts in the profile
@@ -322,23 +323,23 @@ def plot(curves: list[dict[str, Any]], path: Path, title: str) -> None:
         rows = {row["name"]: row for row in curve["points"]}
         if "checkpointing_line" in curve:
             slope = curve["checkpointing_line"]["slope"]
-            xs = [0.0, 1.1]
+            xs = [0.0, 1.25]
             ax.plot(xs, [1 + slope * (1 - x) for x in xs], color="0.5", linestyle="--",
                     label="line through stock and stock + checkpointing")
         for row in curve["points"]:
-            stock_side = row["recompute"] is None
-            marker = ("s" if row["checkpointing"] else "o")
-            color = "black" if stock_side else ("tab:orange" if row["checkpointing"] else "tab:blue")
-            ax.scatter(row["memory_ratio"], row["time_ratio"], marker=marker, color=color, zorder=3)
+            color = "black" if row["recompute"] is None else "tab:orange" if row["checkpointing"] else "tab:blue"
+            ax.scatter(row["memory_ratio"], row["time_ratio"], marker="s" if row["checkpointing"] else "o", color=color,
+                       zorder=3)
             ax.annotate(row["name"], (row["memory_ratio"], row["time_ratio"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
-        ratios = [row["memory_ratio"] for row in rows.values()]
+        ax.scatter([], [], marker="o", color="tab:blue", label="optimize(unet, recompute=level)")
+        ax.scatter([], [], marker="s", color="tab:orange", label="the same + gradient checkpointing")
         times = [row["time_ratio"] for row in rows.values()]
-        ax.set_xlim(0, max(1.1, max(ratios) * 1.05))
-        ax.set_ylim(min(0.8, min(times) - 0.05), max(times) + 0.1)
+        ax.set_xlim(0, max(1.25, max(row["memory_ratio"] for row in rows.values()) * 1.1))
+        ax.set_ylim(min(0.8, min(times) - 0.05), max(times) + 0.15)
         ax.set_xlabel("activation memory / stock's (peak of the step's allocations above the weights)")
         ax.set_ylabel(f"step time / stock's (median of {curve['rounds']} interleaved rounds)")
-        ax.set_title(f"{curve['size']} SDXL-structure LoRA step, {curve['precision']}", fontsize=10)
+        ax.set_title(f"LoRA step of the {SIZE_NAMES[curve['size']]}, {curve['precision']}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
     figure.suptitle(title, fontsize=10)
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in options.precision or list(PRECISIONS):
         curve = measure_curve(options.size, precision, device, options.rounds)
         record["curves"].append(curve)
-        print(f"\n{options.size} SDXL-structure LoRA step, {precision}, {device.type}, {options.rounds} interleaved rounds")
+        print(f"\nLoRA step of the {SIZE_NAMES[options.size]}, {precision}, {device.type}, {options.rounds} interleaved rounds")
         print(format_table(curve))
     if options.host_rounds:
         for precision in options.precision or list(PRECISIONS):

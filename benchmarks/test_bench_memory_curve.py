@@ -17,7 +17,7 @@ import gc
 import pytest
 
 import npu_kernels
-from benchmarks.memory_curve import DEFAULT_LEVEL, PRECISIONS, format_table, measure_curve
+from benchmarks.memory_curve import DEFAULT_LEVEL, PRECISIONS, SIZE_NAMES, format_table, measure_curve
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -29,7 +29,7 @@ def test_memory_curve(benchmark, precision, bench_size, bench_rounds, device):
                           run_rounds=lambda one_round, n: benchmark.pedantic(one_round, rounds=n, warmup_rounds=0))
     gc.collect()
     benchmark.extra_info.update(device=device.type, **curve)
-    print(f"\n{size} SDXL-structure LoRA step, {precision}, {device.type}, {curve['rounds']} interleaved rounds")
+    print(f"\nLoRA step of the {SIZE_NAMES[size]}, {precision}, {device.type}, {curve['rounds']} interleaved rounds")
     print(format_table(curve))
 
     rows = {row["name"]: row for row in curve["points"]}
