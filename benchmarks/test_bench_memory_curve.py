@@ -1,0 +1,48 @@
+"""The time-memory curve (``benchmarks/memory_curve.py``) as a pytest-benchmark test: stock, stock + gradient
+checkpointing, every ``npu_kernels.RECOMPUTE_LEVELS`` level without and with checkpointing, one LoRA step each.
+
+It asserts what is exact on any machine: every point's LoRA gradients agree with stock's (``measure_curve``
+checks them first), and the memory ordering (allocator bytes and saved-tensor bytes, counts not seconds):
+ours keeps no more than stock, each level no more than the level before it, checkpointing less than without,
+and ours + checkpointing no more than stock + checkpointing. Step times go to ``extra_info`` with the rest of
+the curve; the picture and the record come from ``python -m benchmarks.memory_curve``. Smoke (CI): the tiny
+UNet, one timed round; ``--bench-size full``: the SDXL-structure UNet, 9 rounds unless ``--bench-rounds``::
+
+    python -m pytest benchmarks/test_bench_memory_curve.py --benchmark-only -s
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+import npu_kernels
+from benchmarks.memory_curve import DEFAULT_LEVEL, PRECISIONS, SIZE_NAMES, format_table, measure_curve
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_memory_curve(benchmark, precision, bench_size, bench_rounds, device):
+    size = "full" if bench_size == "full" else "tiny"
+    rounds = bench_rounds or (9 if bench_size == "full" else 1)
+    benchmark.group = f"memory_curve {precision} {size}"
+    curve = measure_curve(size, precision, device, rounds,
+                          run_rounds=lambda one_round, n: benchmark.pedantic(one_round, rounds=n, warmup_rounds=0))
+    gc.collect()
+    benchmark.extra_info.update(device=device.type, **curve)
+    print(f"\nLoRA step of the {SIZE_NAMES[size]}, {precision}, {device.type}, {curve['rounds']} interleaved rounds")
+    print(format_table(curve))
+
+    rows = {row["name"]: row for row in curve["points"]}
+    levels = npu_kernels.RECOMPUTE_LEVELS
+
+    def no_more(smaller: str, larger: str) -> None:
+        for key in ("peak_bytes", "saved_bytes"):
+            assert rows[smaller][key] <= rows[larger][key], f"{key}: {smaller} {rows[smaller][key]} > {larger} {rows[larger][key]}"
+
+    no_more(f"ours:{DEFAULT_LEVEL}", "stock")
+    assert rows["stock+ckpt"]["peak_bytes"] < rows["stock"]["peak_bytes"]
+    for fewer, more in zip(levels[1:], levels):  # each level recomputes what the levels before it do, and more
+        no_more(f"ours:{fewer}", f"ours:{more}")
+    for level in levels:
+        no_more(f"ours:{level}+ckpt", f"ours:{level}")
+        no_more(f"ours:{level}+ckpt", "stock+ckpt")
