@@ -17,6 +17,7 @@ from tests.trainer.runs import lora_bytes
 from tests.trainer.test_e2e import run_main
 from trainer import buckets, data, loop
 from trainer.embedded_default import build_samples, build_tokenizers
+from trainer.errors import InputError
 from trainer.hooks import TrainingHooks
 from trainer.sdxl_lora import cli
 
@@ -28,15 +29,20 @@ BUCKET_FLAGS = ["--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso
 EXPECTED_BUCKETS = {(96, 32): 5, (32, 96): 4, (64, 64): 3}  # (width, height): images
 
 
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An imagefolder (PNG files + metadata.jsonl) of captioned shapes in mixed aspect ratios."""
-    root = tmp_path_factory.mktemp("mixed_aspect")
+def make_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    """An imagefolder (PNG files + metadata.jsonl) of captioned shapes, one image per (width, height)."""
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / "metadata.jsonl", "w") as metadata:
-        for i, ((image, caption), size) in enumerate(zip(build_samples(len(FIXTURE_SIZES)), FIXTURE_SIZES)):
+        for i, ((image, caption), size) in enumerate(zip(build_samples(len(sizes)), sizes)):
             image.resize(size, Image.BILINEAR).save(root / f"{i:03d}.png")
             metadata.write(json.dumps({"file_name": f"{i:03d}.png", "text": caption}) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Captioned shapes in mixed aspect ratios: three buckets."""
+    return make_folder(tmp_path_factory.mktemp("mixed_aspect"), FIXTURE_SIZES)
 
 
 def _argv(assets: Any, folder: Path, out: Path, *extra: str) -> list[str]:
@@ -142,6 +148,16 @@ def test_bad_row_stand_in_stays_in_its_bucket() -> None:
     ]
 
 
+def test_checkpointed_sampler_state_refuses_other_buckets() -> None:
+    sampler = buckets.BucketBatchSampler(_assignment({0: 4, 1: 4}), batch_size=2, num_processes=1, seed=5)
+    state = sampler.state_dict()
+    assert state == {"seed": 5, "assignment": _assignment({0: 4, 1: 4}).digest(), "batches_per_epoch": 4}
+    sampler.load_state_dict(state)  # the same buckets: resumes
+    changed = buckets.BucketBatchSampler(_assignment({0: 5, 1: 3}), batch_size=2, num_processes=1, seed=5)
+    with pytest.raises(InputError, match="put the images in other buckets"):
+        changed.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------- bad settings: one line, exit 2
 @pytest.mark.parametrize(
     "flags, expected",
@@ -210,23 +226,25 @@ class _RecompileGuardAfterWarmup(TrainingHooks):
         self.guarded_steps += warm
 
 
-def test_compiled_buckets_compile_once_each(tmp_path: Path, assets: Any, mixed_folder: Path, bucket_run: Path) -> None:
+def test_compiled_buckets_compile_once_each(tmp_path: Path, assets: Any) -> None:
     """--compile (aot_eager: dynamo's capture and guards without inductor's code generation, as
-    test_compile.py): one graph per bucket, then no recompilation, and the eager run's losses."""
+    test_compile.py) on two buckets of one batch each: steps 1-2 (epoch 0) compile one graph per bucket,
+    step 3 (epoch 1) runs under error_on_recompile; the losses are the eager run's."""
     from torch._dynamo.utils import counters
 
-    flags = ["--random_flip", "--checkpointing_steps", "2", "--max_train_steps", "8", "--compile", "--compile_backend", "aot_eager"]
-    hooks = _RecompileGuardAfterWarmup(len(EXPECTED_BUCKETS))
+    folder = make_folder(tmp_path / "two_buckets", [(128, 64), (72, 72), (140, 70), (80, 80)])  # 96x32 and 64x64
+    flags = ["--random_flip", "--max_train_steps", "3"]
+    eager = _run(_argv(assets, folder, tmp_path / "eager", *flags))
+    hooks = _RecompileGuardAfterWarmup(shapes=2)
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled = _run(_argv(assets, mixed_folder, tmp_path / "compiled", *flags), hooks)
+        compiled = _run(_argv(assets, folder, tmp_path / "compiled", *flags, "--compile", "--compile_backend", "aot_eager"), hooks)
     finally:
         torch._dynamo.config.error_on_recompile = False
         graphs = counters["stats"]["unique_graphs"]
         torch._dynamo.reset()
-    assert graphs == len(EXPECTED_BUCKETS)
-    assert hooks.guarded_steps >= 1  # steps of an already compiled bucket ran under error_on_recompile
-    eager = json.loads((bucket_run / "summary.json").read_text())["loss_history"]
-    for step, (e, c) in enumerate(zip(eager, compiled["loss_history"][:4]), start=1):
+    assert [(b["width"], b["height"]) for b in compiled["buckets"]] == [(96, 32), (64, 64)]
+    assert graphs == 2 and hooks.guarded_steps == 1  # step 3 reused its bucket's graph under error_on_recompile
+    for step, (e, c) in enumerate(zip(eager["loss_history"], compiled["loss_history"], strict=True), start=1):
         assert abs(c - e) <= 1e-5 * abs(e), f"step {step}: compiled {c} vs eager {e}"
