@@ -27,6 +27,7 @@ FIXTURE_SIZES = [(128, 64), (64, 128), (72, 72), (150, 60), (64, 128), (128, 64)
 # 32x128 (width x height); the fixture fills three of them.
 BUCKET_FLAGS = ["--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32"]
 EXPECTED_BUCKETS = {(96, 32): 5, (32, 96): 4, (64, 64): 3}  # (width, height): images
+RUN_FLAGS = ["--random_flip", "--center_crop", "--checkpointing_steps", "2"]
 
 
 def make_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
@@ -180,9 +181,9 @@ def test_impossible_bucket_settings_stop_before_anything_is_written(flags, expec
 # ----------------------------------------------------------------------------- runs on mixed aspect ratios
 @pytest.fixture(scope="module")
 def bucket_run(tmp_path_factory: pytest.TempPathFactory, assets: Any, mixed_folder: Path) -> Path:
-    """4 steps with --random_flip and random crops, a checkpoint every 2."""
+    """4 steps with --random_flip and --center_crop (as --cache_latents needs), a checkpoint every 2."""
     out = tmp_path_factory.mktemp("bucket_run")
-    _run(_argv(assets, mixed_folder, out, "--random_flip", "--checkpointing_steps", "2"))
+    _run(_argv(assets, mixed_folder, out, *RUN_FLAGS))
     return out
 
 
@@ -196,19 +197,20 @@ def test_mixed_aspect_run_trains_and_lists_its_buckets(bucket_run: Path) -> None
 
 def test_mixed_aspect_run_resumes_exactly(tmp_path: Path, assets: Any, mixed_folder: Path, bucket_run: Path) -> None:
     out = tmp_path / "resumed"
-    flags = ["--random_flip", "--checkpointing_steps", "2"]
-    _run(_argv(assets, mixed_folder, out, *flags, "--max_train_steps", "3"))
-    resumed = _run(_argv(assets, mixed_folder, out, *flags, "--resume_from_checkpoint", "latest"))
+    _run(_argv(assets, mixed_folder, out, *RUN_FLAGS, "--max_train_steps", "3"))
+    resumed = _run(_argv(assets, mixed_folder, out, *RUN_FLAGS, "--resume_from_checkpoint", "latest"))
     reference = json.loads((bucket_run / "summary.json").read_text())
     assert resumed["resumed_from"].endswith("checkpoint-2")
     assert resumed["loss_history"] == reference["loss_history"][2:]
     assert lora_bytes(out) == lora_bytes(bucket_run)
 
 
-def test_cached_latents_train_as_uncached_in_buckets(tmp_path: Path, assets: Any, mixed_folder: Path) -> None:
-    plain = _run(_argv(assets, mixed_folder, tmp_path / "plain", "--center_crop", "--random_flip", "--max_train_steps", "3"))
-    cached = _run(_argv(assets, mixed_folder, tmp_path / "cached", "--center_crop", "--random_flip", "--max_train_steps", "3", "--cache_latents"))
-    assert cached["cache"]["images"] == len(FIXTURE_SIZES) and cached["buckets"] == plain["buckets"]
+def test_cached_latents_train_as_uncached_in_buckets(tmp_path: Path, assets: Any, mixed_folder: Path, bucket_run: Path) -> None:
+    """Each image encoded once at its bucket's size (both orientations): the uncached run's losses."""
+    cached = _run(_argv(assets, mixed_folder, tmp_path / "cached", *RUN_FLAGS, "--cache_latents"))
+    plain = json.loads((bucket_run / "summary.json").read_text())
+    assert cached["cache"]["images"] == len(FIXTURE_SIZES) and cached["cache"]["orientations"] == 2
+    assert cached["buckets"] == plain["buckets"]
     torch.testing.assert_close(torch.tensor(cached["loss_history"]), torch.tensor(plain["loss_history"]), rtol=1e-5, atol=1e-6)
 
 
@@ -226,7 +228,29 @@ class _RecompileGuardAfterWarmup(TrainingHooks):
         self.guarded_steps += warm
 
 
-def test_compiled_buckets_compile_once_each(tmp_path: Path, assets: Any) -> None:
+@pytest.fixture(scope="module")
+def small_unet_model(tmp_path_factory: pytest.TempPathFactory, assets: Any) -> Any:
+    """The embedded pipeline with a smaller UNet (two levels, one layer each; same conditioning), saved as
+    real files: dynamo traces it in a fraction of the embedded UNet's time, and a compile test traces once
+    per bucket."""
+    import shutil
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    model_dir = tmp_path_factory.mktemp("small_unet") / "model"
+    shutil.copytree(assets.model_dir, model_dir)
+    shutil.rmtree(model_dir / "unet")
+    config = UNet2DConditionModel.load_config(str(assets.model_dir / "unet"))
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(
+        config, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, transformer_layers_per_block=1, attention_head_dim=(2, 4),
+    ).save_pretrained(str(model_dir / "unet"))  # fmt: skip
+    return SimpleNamespace(model_dir=model_dir)
+
+
+def test_compiled_buckets_compile_once_each(tmp_path: Path, small_unet_model: Any) -> None:
     """--compile (aot_eager: dynamo's capture and guards without inductor's code generation, as
     test_compile.py) on two buckets of one batch each: steps 1-2 (epoch 0) compile one graph per bucket,
     step 3 (epoch 1) runs under error_on_recompile; the losses are the eager run's."""
@@ -234,12 +258,12 @@ def test_compiled_buckets_compile_once_each(tmp_path: Path, assets: Any) -> None
 
     folder = make_folder(tmp_path / "two_buckets", [(128, 64), (72, 72), (140, 70), (80, 80)])  # 96x32 and 64x64
     flags = ["--random_flip", "--max_train_steps", "3"]
-    eager = _run(_argv(assets, folder, tmp_path / "eager", *flags))
+    eager = _run(_argv(small_unet_model, folder, tmp_path / "eager", *flags))
     hooks = _RecompileGuardAfterWarmup(shapes=2)
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled = _run(_argv(assets, folder, tmp_path / "compiled", *flags, "--compile", "--compile_backend", "aot_eager"), hooks)
+        compiled = _run(_argv(small_unet_model, folder, tmp_path / "compiled", *flags, "--compile", "--compile_backend", "aot_eager"), hooks)
     finally:
         torch._dynamo.config.error_on_recompile = False
         graphs = counters["stats"]["unique_graphs"]
