@@ -9,7 +9,8 @@ although neither is trained. With the caches (kohya sd-scripts' and SimpleTuner'
   without the cache, not trained on the distribution's mean. ``--random_flip`` is honoured by caching
   both orientations and choosing per sample with the same draw as the uncached transform. A random crop
   cannot be cached (each epoch would need another crop): an image the transform would crop randomly
-  (not square, no ``--center_crop``) is refused with an error saying what to do.
+  (not square, no ``--center_crop``) is refused with an error saying what to do. With
+  ``--enable_bucket`` each image is encoded at its bucket's size (one encoder call per size).
 * **text embeddings**: the penultimate hidden states of both encoders and the pooled embedding of every
   distinct caption (every entry of a caption list too, so the per-epoch ``random.choice`` still works),
   looked up by token ids. Refused with ``--train_text_encoder``: trained encoders change every step.

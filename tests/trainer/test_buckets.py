@@ -112,6 +112,27 @@ def test_bucket_resize_crops_least_and_time_ids_carry_the_sizes() -> None:
     assert square.transform_image(image)[0].shape == (3, 64, 64)  # without buckets: the square, as before
 
 
+def test_sizes_come_from_headers_with_exif_rotation_and_bad_files_follow_on_bad_image(tmp_path: Path) -> None:
+    import io
+
+    from datasets import Dataset
+
+    photo = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait photo stored landscape
+    Image.new("RGB", (120, 60)).save(photo, format="JPEG", exif=exif)
+    value = {"bytes": photo.getvalue(), "path": None}
+    assert data.image_size(value) == (120, 60) == data.decode_image(value).size[::-1]  # (height, width)
+    with pytest.raises(data.BadImageError, match="not an image"):
+        data.image_size({"bytes": b"not an image", "path": None})
+    rows = Dataset.from_dict({"image": [value, {"bytes": b"junk", "path": None}], data.ROW_COLUMN: [0, 1]})
+    grid = buckets.BucketGrid(((32, 96), (64, 64), (96, 32)))
+    skipped = data.assign_buckets(rows, "image", grid, "skip", "photos")
+    assert skipped.rows == [2, None] and skipped.unreadable == ["photos: row 1: not an image PIL can read (unknown format or corrupt header)"]
+    with pytest.raises(InputError, match=r"photos: row 1: not an image .*--on_bad_image fail"):
+        data.assign_buckets(rows, "image", grid, "fail", "photos")
+
+
 # ----------------------------------------------------------------------------- the sampler
 def _assignment(counts: dict[int, int]) -> buckets.BucketAssignment:
     grid = buckets.BucketGrid(((32, 96), (64, 64), (96, 32)))
