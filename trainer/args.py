@@ -13,6 +13,8 @@ type and default, so existing launch scripts work unchanged, plus:
 * ``--memory_plan`` / ``--ignore_memory_plan``: the planned peak memory (see ``trainer.memory_plan``).
 * ``--output_kohya_format``: diffusers' DreamBooth SDXL flag, the LoRA also in the kohya key layout
   (see ``trainer.checkpointing.write_kohya_lora``).
+* ``--enable_bucket`` / ``--min_bucket_reso`` / ``--max_bucket_reso`` / ``--bucket_reso_steps``: kohya
+  sd-scripts' aspect-ratio buckets (see ``trainer.buckets``).
 
 Unlike the diffusers script a run without any model or dataset flag is allowed: it trains the embedded
 tiny SDXL-shaped pipeline on the embedded shapes dataset (a smoke test). Otherwise nothing is filled in
@@ -30,6 +32,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from trainer.buckets import DEFAULT_BUCKET_RESO_STEPS, DEFAULT_MAX_BUCKET_RESO, DEFAULT_MIN_BUCKET_RESO, SIDE_MULTIPLE
 from trainer.checkpointing import KOHYA_LORA_FILE
 from trainer.compiling import COMPILE_BACKENDS, COMPILE_MODES
 from trainer.embedded_default import EMBEDDED_OVERRIDES
@@ -468,6 +471,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache_text_embeddings",
         action="store_true",
         help="Run both text encoders once per distinct caption before training. Not with --train_text_encoder.",
+    )
+    # ---------------------------------------------------------------- aspect-ratio buckets (trainer.buckets)
+    add(
+        "--enable_bucket",
+        action="store_true",
+        help="Train each image at the bucket nearest to its aspect ratio (about --resolution^2 pixels, sides in"
+        " steps of --bucket_reso_steps) instead of a --resolution square crop, as kohya sd-scripts' flag; SDXL's"
+        " size and crop time ids get the real sizes. Every batch, on every process, is from one bucket.",
+    )
+    add(
+        "--min_bucket_reso",
+        type=int,
+        default=DEFAULT_MIN_BUCKET_RESO,
+        help="With --enable_bucket: the shortest side a bucket may have (kohya's flag).",
+    )
+    add(
+        "--max_bucket_reso",
+        type=int,
+        default=DEFAULT_MAX_BUCKET_RESO,
+        help="With --enable_bucket: the longest side a bucket may have (kohya's flag; its default, 1024, suits SD"
+        " 1.x: at SDXL's 1024 px it would leave only the square with the full pixel count).",
+    )
+    add(
+        "--bucket_reso_steps",
+        type=int,
+        default=DEFAULT_BUCKET_RESO_STEPS,
+        help=f"With --enable_bucket: bucket sides are multiples of this (kohya's flag; a multiple of {SIDE_MULTIPLE}"
+        " for SDXL).",
     )
     # ---------------------------------------------------------------- memory plan (trainer.memory_plan)
     add(

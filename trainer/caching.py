@@ -9,7 +9,8 @@ although neither is trained. With the caches (kohya sd-scripts' and SimpleTuner'
   without the cache, not trained on the distribution's mean. ``--random_flip`` is honoured by caching
   both orientations and choosing per sample with the same draw as the uncached transform. A random crop
   cannot be cached (each epoch would need another crop): an image the transform would crop randomly
-  (not square, no ``--center_crop``) is refused with an error saying what to do.
+  (not square, no ``--center_crop``) is refused with an error saying what to do. With
+  ``--enable_bucket`` each image is encoded at its bucket's size (one encoder call per size).
 * **text embeddings**: the penultimate hidden states of both encoders and the pooled embedding of every
   distinct caption (every entry of a caption list too, so the per-epoch ``random.choice`` still works),
   looked up by token ids. Refused with ``--train_text_encoder``: trained encoders change every step.
@@ -25,7 +26,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -114,6 +115,7 @@ class LatentEntry:
     crop_top_lefts: list[tuple[int, int]]
     parameters: list[torch.Tensor]
     filename: str | None = None  # the image file's name, for --debug_loss (None: not from a named file)
+    target_size: tuple[int, int] | None = None  # the trained (height, width): its bucket, or the square
 
 
 @dataclass
@@ -157,7 +159,7 @@ def build_latent_cache(
                         _Failure(
                             index,
                             f"--cache_latents cannot honour random cropping: {where} is {image.width}x{image.height}, so"
-                            f" after resizing to --resolution {preprocessor.resolution} every epoch would crop it"
+                            f" after resizing to {_trained_size(preprocessor, image)} every epoch would crop it"
                             " differently. Add --center_crop (the crop is then fixed), crop the images to squares, or"
                             " drop --cache_latents.",
                             bad_image=False,
@@ -165,14 +167,15 @@ def build_latent_cache(
                     )
                     continue
                 pending.append((index, variants[0][1], [v[2] for v in variants], [v[0] for v in variants], data.image_filename(image)))
-            if not pending:
-                continue
-            pixels = torch.stack([p for item in pending for p in item[3]]).to(accelerator.device, dtype=vae_dtype)
-            parameters = vae.encode(pixels).latent_dist.parameters.cpu()
-            per_image = len(flips)
-            for n, (index, original, crops, _, filename) in enumerate(pending):
-                params = [parameters[n * per_image + k].clone() for k in range(per_image)]
-                done.append((index, LatentEntry(original, crops, params, filename)))
+            # One encoder call per image size (several with --enable_bucket: each bucket its own shape).
+            for size in sorted({tuple(item[3][0].shape) for item in pending}):
+                same = [item for item in pending if tuple(item[3][0].shape) == size]
+                pixels = torch.stack([p for item in same for p in item[3]]).to(accelerator.device, dtype=vae_dtype)
+                parameters = vae.encode(pixels).latent_dist.parameters.cpu()
+                per_image = len(flips)
+                for n, (index, original, crops, _, filename) in enumerate(same):
+                    params = [parameters[n * per_image + k].clone() for k in range(per_image)]
+                    done.append((index, LatentEntry(original, crops, params, filename, (size[1], size[2]))))
     entries: dict[int, LatentEntry] = {}
     bad: dict[int, str] = {}
     for item in _gather(accelerator, done):
@@ -183,6 +186,14 @@ def build_latent_cache(
         else:
             entries[item[0]] = item[1]
     return entries, bad
+
+
+def _trained_size(preprocessor: Any, image: Any) -> str:
+    """How the random-crop refusal names the size an image is cropped to."""
+    height, width = preprocessor.target_size(image.height, image.width)
+    if preprocessor.buckets is None:
+        return f"--resolution {preprocessor.resolution}"
+    return f"cover its bucket {width}x{height}"
 
 
 def _gather(accelerator: Any, items: list[Any]) -> list[Any]:
@@ -210,7 +221,9 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         raw_captions: Sequence[Any],
         preprocessor: Any,
         on_bad_image: str,
+        stand_in: Callable[[int], int] | None = None,
     ) -> None:
+        self.stand_in = stand_in or (lambda index: (index + 1) % len(self))  # the guard's: same bucket
         self.entries = entries
         self.bad_rows = bad_rows
         self.raw_captions = list(raw_captions)
@@ -228,7 +241,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             if self.on_bad_image == "fail":
                 raise InputError(f"{self.bad_rows[index]} (--on_bad_image fail; use skip to train without it)")
             skipped.append(self.bad_rows[index])
-            index = (index + 1) % len(self)
+            index = self.stand_in(index)
         entry = self.entries[index]
         variant = 1 if (self.preprocessor.random_flip and random.random() < 0.5) else 0
         caption = self.preprocessor.captions([self.raw_captions[index]], rows=[index])[0]
@@ -236,6 +249,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             LATENT_KEY: entry.parameters[variant],
             "original_sizes": entry.original_size,
             "crop_top_lefts": entry.crop_top_lefts[variant],
+            "target_sizes": entry.target_size,
             "input_ids_one": data.tokenize_prompt(self.preprocessor.tokenizer_one, [caption])[0],
             "input_ids_two": data.tokenize_prompt(self.preprocessor.tokenizer_two, [caption])[0],
             data.SKIPPED_KEY: skipped,
@@ -259,6 +273,7 @@ class CachingCollate:
                 "input_ids_two": torch.stack([e["input_ids_two"] for e in examples]),
                 "original_sizes": [tuple(e["original_sizes"]) for e in examples],
                 "crop_top_lefts": [tuple(e["crop_top_lefts"]) for e in examples],
+                "target_sizes": [tuple(e["target_sizes"]) for e in examples],
             }
             skipped = [problem for e in examples for problem in e.get(data.SKIPPED_KEY) or ()]
             if skipped:
@@ -283,8 +298,9 @@ class TrainingData:
     report: dict[str, Any]
 
 
-def _unwrap(train_dataset: Any) -> tuple[Any, Any, str, str]:
-    """(raw rows, preprocessor, source name, --on_bad_image) of ``data.build_train_dataset``'s result."""
+def _unwrap(train_dataset: Any) -> tuple[Any, Any, str, str, Callable[[int], int] | None]:
+    """(raw rows, preprocessor, source name, --on_bad_image, the stand-in of a bad row) of
+    ``data.build_train_dataset``'s result."""
     guard = train_dataset if isinstance(train_dataset, data.BadImageGuard) else None
     transformed = guard.dataset if guard is not None else train_dataset
     preprocessor = transformed.format["format_kwargs"].get("transform")
@@ -292,14 +308,14 @@ def _unwrap(train_dataset: Any) -> tuple[Any, Any, str, str]:
         raise TypeError("caching needs the dataset of data.build_train_dataset (an SDXLPreprocessor transform)")
     source = guard.source if guard is not None else preprocessor.source
     on_bad_image = guard.on_bad_image if guard is not None else "fail"
-    return transformed.with_format(None), preprocessor, source, on_bad_image
+    return transformed.with_format(None), preprocessor, source, on_bad_image, guard.stand_in if guard is not None else None
 
 
 def prepare(args: argparse.Namespace, train_dataset: Any, components: Any, accelerator: Any) -> TrainingData:
     """The training dataset and collate function, with the caches the flags ask for computed."""
     if not (args.cache_latents or args.cache_text_embeddings):
         return TrainingData(train_dataset, data.collate_fn, {"latents": False, "text_embeddings": False})
-    raw, preprocessor, source, on_bad_image = _unwrap(train_dataset)
+    raw, preprocessor, source, on_bad_image, stand_in = _unwrap(train_dataset)
     raw_captions = raw[preprocessor.caption_column]
     report: dict[str, Any] = {"latents": bool(args.cache_latents), "text_embeddings": bool(args.cache_text_embeddings)}
     dataset = train_dataset
@@ -318,7 +334,7 @@ def prepare(args: argparse.Namespace, train_dataset: Any, components: Any, accel
             entries, bad = build_latent_cache(
                 raw, preprocessor, components.vae, components.vae_dtype, accelerator, args.train_batch_size, source
             )
-            dataset = CachedLatentsDataset(entries, bad, raw_captions, preprocessor, on_bad_image)
+            dataset = CachedLatentsDataset(entries, bad, raw_captions, preprocessor, on_bad_image, stand_in)
             report["images"] = len(entries)
             report["orientations"] = 2 if preprocessor.random_flip else 1
             report["latent_seconds"] = time.perf_counter() - started

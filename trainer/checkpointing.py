@@ -60,6 +60,7 @@ RUN_IDENTITY_FLAGS = (
     "lr_warmup_steps", "snr_gamma", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "prediction_type", "noise_offset", "mixed_precision", "seed", "kernels", "geglu_approximate",
     "image_interpolation_mode",
+    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
 )  # fmt: skip
 
 

@@ -10,6 +10,10 @@ that shape mid-run is excluded before training starts:
 * validation images: the pipeline runs the original (uncompiled) UNet, which the compiled module wraps
   and shares its weights with (``models.Unwrapper`` returns it), so validation never retraces.
 
+With ``--enable_bucket`` (:mod:`trainer.buckets`) each bucket is one input shape: the first step of each
+bucket compiles its graphs, later steps reuse them (every batch is full, so no other shape appears), and
+dynamo's recompile limit is raised to the number of buckets so that none falls back to eager.
+
 Modes (``--compile_mode``): ``default`` (inductor), ``reduce-overhead`` (inductor + CUDA graphs: the
 compiled step is replayed as one graph launch; CUDA only) and ``max-autotune-no-cudagraphs``. Where a
 mode cannot work the run stops before training with one line (:func:`check_flags`): reduce-overhead off
@@ -26,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from trainer.buckets import BucketGrid
 from trainer.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +95,8 @@ def compile_unet(unet: torch.nn.Module, args: argparse.Namespace, device_type: s
     :func:`compile_seconds`).
     """
     mode, backend = compile_mode(args), compile_backend(args)
+    if getattr(args, "enable_bucket", False):
+        allow_shapes(len(BucketGrid.from_args(args).sizes))
     logger.info(f"--compile: torch.compile(unet, backend={backend}, mode={mode}, fullgraph=True, dynamic=False)")
     if backend != "inductor":
         return torch.compile(unet, backend=backend, fullgraph=True, dynamic=False)
@@ -99,6 +106,13 @@ def compile_unet(unet: torch.nn.Module, args: argparse.Namespace, device_type: s
         npu_backend: Any = torchair.get_npu_backend()
         return torch.compile(unet, backend=npu_backend, fullgraph=True, dynamic=False)
     return torch.compile(unet, mode=None if mode == DEFAULT_COMPILE_MODE else mode, fullgraph=True, dynamic=False)
+
+
+def allow_shapes(count: int) -> None:
+    """Let dynamo keep ``count`` graphs of the UNet (one per input shape) before it gives up compiling it."""
+    config = torch._dynamo.config  # noqa: SLF001 - dynamo's documented knobs live there
+    config.recompile_limit = max(config.recompile_limit, count)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, count)
 
 
 def compiled_routes(device_type: str) -> dict[str, str]:

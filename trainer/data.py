@@ -6,9 +6,11 @@ PIL and torch instead of torchvision (whose builds are tied to one torch build):
 * ``original_size`` is recorded as (height, width) before anything else;
 * resize of the shorter side to ``--resolution`` (``--image_interpolation_mode``, default lanczos: torchvision's
   filter for PIL images and its output-size rounding);
+  with ``--enable_bucket`` (:mod:`trainer.buckets`) instead a resize (same filter) that just covers the image's bucket;
 * random horizontal flip *before* the crop (current diffusers; older versions flipped after it);
-* center crop or random crop (``torch.randint`` exactly as ``RandomCrop.get_params``), whose
-  top-left (y, x) becomes ``crops_coords_top_left`` in the UNet's time ids;
+* center crop or random crop (``torch.randint`` exactly as ``RandomCrop.get_params``) to the
+  ``--resolution`` square or the bucket, whose top-left (y, x) becomes ``crops_coords_top_left`` and
+  whose size becomes ``target_size`` in the UNet's time ids;
 * ``ToTensor`` + ``Normalize([0.5], [0.5])``, i.e. pixels in [-1, 1];
 * captions tokenized by both tokenizers (a random caption when a row holds several).
 
@@ -20,6 +22,7 @@ becomes the right RGB (:func:`to_rgb`: 16-bit scaled, transparency composited on
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import random
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from trainer.args import DATASET_NAME_MAPPING
+from trainer.buckets import BucketAssignment, BucketGrid
 from trainer.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +139,18 @@ def resize_shorter_side(image: Any, size: int, interpolation: str = "lanczos") -
     return image.resize((new_w, new_h), PIL_RESAMPLING[interpolation])
 
 
+def resize_to_cover(image: Any, height: int, width: int, interpolation: str = "lanczos") -> Any:
+    """Resize keeping the aspect ratio to the smallest size that covers ``height`` x ``width`` (one side
+    equal, the other at least as long, rounded as kohya's bucketing rounds): the crop then removes as
+    little as possible."""
+
+    scale = max(height / image.height, width / image.width)
+    new_w, new_h = max(width, int(image.width * scale + 0.5)), max(height, int(image.height * scale + 0.5))
+    if (new_w, new_h) == image.size:
+        return image
+    return image.resize((new_w, new_h), PIL_RESAMPLING[interpolation])
+
+
 def to_normalized_tensor(image: Any) -> torch.Tensor:
     """``ToTensor`` + ``Normalize([0.5], [0.5])``: CHW float32 in [-1, 1]."""
     array = np.asarray(image, dtype=np.uint8)
@@ -187,6 +203,28 @@ def decode_image(value: Any) -> Any:
     except (OSError, SyntaxError, ValueError, EOFError, PILImage.DecompressionBombError) as error:
         # PIL signals corrupt data with any of these (truncated: OSError; broken PNG chunks: SyntaxError).
         raise BadImageError(_image_error_text(error)) from None
+
+
+def image_size(value: Any) -> tuple[int, int]:
+    """(height, width) of the image a row holds, as :func:`decode_image` would decode it (EXIF rotation
+    included), from the file's header where it can: bucketing needs every image's size before training."""
+    from PIL import Image as PILImage
+
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    elif isinstance(value, (bytes, bytearray)):
+        value = {"path": None, "bytes": bytes(value)}
+    if not isinstance(value, dict) or (value.get("bytes") is None and not os.path.isfile(value.get("path") or "")):
+        image = decode_image(value)  # a decoded or remote image, or nothing: decode_image has it or says why
+        return image.height, image.width
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    try:
+        with PILImage.open(source) as image:
+            width, height = image.size
+            rotated = image.getexif().get(PILImage.ExifTags.Base.Orientation) in (5, 6, 7, 8)  # 90 degrees
+    except (OSError, SyntaxError, ValueError, EOFError, PILImage.DecompressionBombError) as error:
+        raise BadImageError(_image_error_text(error)) from None
+    return (width, height) if rotated else (height, width)
 
 
 def _image_error_text(error: BaseException) -> str:
@@ -274,16 +312,22 @@ class SDXLPreprocessor:
     debug_loss: bool = False
     source: str = "dataset"  # names the dataset in bad-image and caption messages
     interpolation: str = "lanczos"  # --image_interpolation_mode
+    buckets: BucketGrid | None = None  # --enable_bucket: each image trains at its bucket's size
 
-    def crop_params(self, height: int, width: int) -> tuple[int, int]:
-        """Top-left (y, x) of the crop; torch RNG for random crops as ``RandomCrop.get_params``."""
-        size = self.resolution
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is trained at: its bucket, else the ``--resolution`` square."""
+        return self.buckets.target_size(height, width) if self.buckets is not None else (self.resolution, self.resolution)
+
+    def crop_params(self, height: int, width: int, target: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Top-left (y, x) of the ``target`` (height, width) crop (default: the ``--resolution`` square);
+        torch RNG for random crops as ``RandomCrop.get_params``."""
+        size_h, size_w = target or (self.resolution, self.resolution)
         if self.center_crop:
-            return max(0, int(round((height - size) / 2.0))), max(0, int(round((width - size) / 2.0)))
-        if height == size and width == size:
+            return max(0, int(round((height - size_h) / 2.0))), max(0, int(round((width - size_w) / 2.0)))
+        if height == size_h and width == size_w:
             return 0, 0
-        y1 = int(torch.randint(0, max(height - size, 0) + 1, size=(1,)).item())
-        x1 = int(torch.randint(0, max(width - size, 0) + 1, size=(1,)).item())
+        y1 = int(torch.randint(0, max(height - size_h, 0) + 1, size=(1,)).item())
+        x1 = int(torch.randint(0, max(width - size_w, 0) + 1, size=(1,)).item())
         return y1, x1
 
     def transform_image(self, image: Any, flip: bool | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -295,14 +339,18 @@ class SDXLPreprocessor:
 
         image = to_rgb(image)
         original_size = (image.height, image.width)
-        if min(original_size) < self.resolution:
+        target_h, target_w = self.target_size(*original_size)
+        if original_size[0] < target_h or original_size[1] < target_w:
             warn_upscaled_once(original_size, self.resolution, self.source)
-        image = resize_shorter_side(image, self.resolution, self.interpolation)
+        if self.buckets is None:
+            image = resize_shorter_side(image, self.resolution, self.interpolation)
+        else:
+            image = resize_to_cover(image, target_h, target_w, self.interpolation)
         if (self.random_flip and random.random() < 0.5) if flip is None else flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        y1, x1 = self.crop_params(image.height, image.width)
+        y1, x1 = self.crop_params(image.height, image.width, (target_h, target_w))
         # PIL pads out-of-range crops with zeros, as torchvision's crop does.
-        image = image.crop((x1, y1, x1 + self.resolution, y1 + self.resolution))
+        image = image.crop((x1, y1, x1 + target_w, y1 + target_h))
         return to_normalized_tensor(image), original_size, (y1, x1)
 
     def captions(self, raw: Sequence[Any], is_train: bool = True, rows: Sequence[int] | None = None) -> list[str]:
@@ -333,6 +381,7 @@ class SDXLPreprocessor:
             crop_top_lefts.append(crop_top_left)
         examples["original_sizes"] = original_sizes
         examples["crop_top_lefts"] = crop_top_lefts
+        examples["target_sizes"] = [None if p is None else tuple(p.shape[1:]) for p in pixel_values]
         examples["pixel_values"] = pixel_values
         examples[BAD_IMAGE_KEY] = bad_images
         captions = self.captions(examples[self.caption_column], rows=rows)
@@ -374,6 +423,7 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "input_ids_two": torch.stack([example["input_ids_two"] for example in examples]),
         "original_sizes": [tuple(example["original_sizes"]) for example in examples],
         "crop_top_lefts": [tuple(example["crop_top_lefts"]) for example in examples],
+        "target_sizes": [tuple(example["target_sizes"]) for example in examples],
     }
     filenames = [example["filenames"] for example in examples if "filenames" in example]
     if filenames:
@@ -392,12 +442,20 @@ class BadImageGuard(torch.utils.data.Dataset):
     ``skip``: the row is replaced by the next usable one (so batches keep their size and every device
     keeps the same number of steps) and the example lists what it replaced under :data:`SKIPPED_KEY`.
     ``fail``: :class:`~trainer.errors.InputError` naming the dataset, row and file.
+
+    ``buckets`` (``--enable_bucket``): which bucket each row trains in; a bad row's stand-in is then the
+    next row of its bucket, so that the batch keeps one image size.
     """
 
-    def __init__(self, dataset: Any, on_bad_image: str, source: str) -> None:
+    def __init__(self, dataset: Any, on_bad_image: str, source: str, buckets: BucketAssignment | None = None) -> None:
         self.dataset = dataset
         self.on_bad_image = on_bad_image
         self.source = source
+        self.buckets = buckets
+
+    def stand_in(self, index: int) -> int:
+        """The row that replaces the unusable row ``index`` (deterministic)."""
+        return self.buckets.stand_in(index) if self.buckets is not None else (index + 1) % len(self)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -419,7 +477,7 @@ class BadImageGuard(torch.utils.data.Dataset):
             skipped.append(problem)
             if len(skipped) >= len(self):
                 raise InputError(f"{self.source}: no image in its {len(self)} rows can be read (last: {problem})")
-            index = (index + 1) % len(self)  # deterministic: the next row stands in
+            index = self.stand_in(index)
             example = self.dataset[index]
         example[SKIPPED_KEY] = skipped
         return example
@@ -475,10 +533,32 @@ def build_train_dataset(
             debug_loss=args.debug_loss,
             source=source,
             interpolation=getattr(args, "image_interpolation_mode", "lanczos"),
+            buckets=BucketGrid.from_args(args) if getattr(args, "enable_bucket", False) else None,
         )
         # getattr: callers that build their Namespace by hand predate --on_bad_image.
         on_bad_image = getattr(args, "on_bad_image", "skip")
-        return BadImageGuard(dataset.with_transform(preprocess, output_all_columns=True), on_bad_image, source)
+        assignment = assign_buckets(dataset, image_column, preprocess.buckets, on_bad_image, source) if preprocess.buckets else None
+        return BadImageGuard(dataset.with_transform(preprocess, output_all_columns=True), on_bad_image, source, assignment)
+
+
+def assign_buckets(dataset: Any, image_column: str, grid: BucketGrid, on_bad_image: str, source: str) -> BucketAssignment:
+    """Every row's bucket, from its image's size (file headers, no decoding). A row whose size cannot be
+    read trains in no bucket (``--on_bad_image skip``: reported with the skipped images) or stops the
+    run (``fail``)."""
+    sizes: list[tuple[int, int] | None] = []
+    unreadable: list[str] = []
+    for start in range(0, len(dataset), 256):  # a chunk at a time: the column holds the encoded images
+        chunk = dataset[start : start + 256]
+        for value, row in zip(chunk[image_column], chunk[ROW_COLUMN]):
+            try:
+                sizes.append(image_size(value))
+            except BadImageError as error:
+                problem = f"{describe_row(source, row, value)}: {error}"
+                if on_bad_image == "fail":
+                    raise InputError(f"{problem} (--on_bad_image fail; use skip to train without it)") from None
+                sizes.append(None)
+                unreadable.append(problem)
+    return BucketAssignment.of_sizes(grid, sizes, unreadable)
 
 
 def undecoded_with_rows(dataset: Any, image_column: str) -> Any:

@@ -69,6 +69,9 @@ NUMBER_RULES: tuple[NumberRule, ...] = (
     NumberRule("max_train_samples", 1, hint="0 leaves no rows to train on"),
     NumberRule("max_nonfinite_steps", 1),
     NumberRule("logging_steps", 1),
+    NumberRule("min_bucket_reso", 1),
+    NumberRule("max_bucket_reso", 1),
+    NumberRule("bucket_reso_steps", 1),
 )
 
 # diffusers.optimization.SchedulerType's values for get_scheduler (written out: importing diffusers takes seconds).

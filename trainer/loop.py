@@ -41,9 +41,14 @@ def compute_time_ids(
     resolution: int,
     device: torch.device,
     dtype: torch.dtype,
+    target_sizes: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """SDXL's micro-conditioning, one row per image: (orig_h, orig_w, crop_y, crop_x, target_h, target_w)."""
-    rows = [list(original) + list(crop) + [resolution, resolution] for original, crop in zip(original_sizes, crop_top_lefts)]
+    """SDXL's micro-conditioning, one row per image: (orig_h, orig_w, crop_y, crop_x, target_h, target_w).
+
+    The target is each image's trained size (``target_sizes``: its bucket with ``--enable_bucket``), else
+    the ``resolution`` square."""
+    targets = target_sizes or [(resolution, resolution)] * len(original_sizes)
+    rows = [list(original) + list(crop) + list(target) for original, crop, target in zip(original_sizes, crop_top_lefts, targets)]
     return torch.tensor(rows, device=device, dtype=dtype)
 
 
@@ -115,7 +120,7 @@ def training_loss(ctx: StepContext, batch: dict[str, Any]) -> torch.Tensor:
     noisy_model_input = ctx.noise_scheduler.add_noise(model_input, noise, timesteps)
 
     add_time_ids = compute_time_ids(
-        batch["original_sizes"], batch["crop_top_lefts"], ctx.resolution, ctx.device, ctx.weight_dtype
+        batch["original_sizes"], batch["crop_top_lefts"], ctx.resolution, ctx.device, ctx.weight_dtype, batch.get("target_sizes")
     )
     if "prompt_embeds" in batch:  # --cache_text_embeddings
         prompt_embeds = batch["prompt_embeds"].to(ctx.device)

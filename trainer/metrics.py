@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from trainer.atomic import write_text_atomically
+from trainer.buckets import describe as describe_buckets
 from trainer.compiling import compile_seconds
 
 WARMUP_STEPS = 5
@@ -150,6 +151,7 @@ class RunFacts:
     total_wall_time_s: float
     compile_mode: str | None = None  # --compile's mode, None for an eager run
     compile_backend: str | None = None  # --compile's backend, None for an eager run
+    buckets: list[dict[str, int]] | None = None  # --enable_bucket: each bucket used (trainer.buckets), else None
 
 
 def run_summary(args: Any, history: TrainingHistory, facts: RunFacts) -> dict[str, Any]:
@@ -193,6 +195,7 @@ def run_summary(args: Any, history: TrainingHistory, facts: RunFacts) -> dict[st
             "lora_digest_per_rank": facts.lora_digest_per_rank,
             "training_wall_time_s": facts.training_wall_time_s,
             "total_wall_time_s": facts.total_wall_time_s,
+            "buckets": facts.buckets,
             "compile_mode": facts.compile_mode,
             "compile_backend": facts.compile_backend,
             # The warm-up steps' compute time beyond the steady step time: compilation (and graph capture).
@@ -247,6 +250,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"interrupted by {summary['interrupted']} after step {summary.get('last_step')}: saved"
             f" {summary.get('last_checkpoint')} and the LoRA weights; continue with --resume_from_checkpoint latest"
         )
+    lines += describe_buckets(summary.get("buckets") or [])
     if summary.get("compile_seconds") is not None:
         lines.append(f"Compile time sec : {summary['compile_seconds']:.2f}")
     lines += [

@@ -18,6 +18,7 @@ What is checked:
   ``--use_npu_fused_adamw`` (an Ascend NPU); ``--compile`` / ``--compile_mode`` (``trainer.compiling.check_flags``:
   reduce-overhead needs CUDA, an NPU needs torchair, a mode needs --compile), ``--logging_steps`` (at least 1);
 * ``--push_to_hub`` (:func:`check_hub`): the Hub reachable and the token accepted, the one network check;
+  ``--enable_bucket``'s settings (``trainer.buckets.check_flags``: at least one bucket, min <= max);
 * the model: a local ``--pretrained_model_name_or_path`` has every SDXL subfolder with its config and
   weights; a local ``--vae_name`` is a diffusers ``AutoencoderKL``;
 * the dataset: it exists and has rows, ``--image_column`` / ``--caption_column`` exist and hold images /
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from trainer import atomic, caching, checkpointing, compiling, data, flag_rules, ownership
+from trainer import atomic, buckets, caching, checkpointing, compiling, data, flag_rules, ownership
 from trainer.args import EMBEDDED
 from trainer.errors import InputError, one_line
 
@@ -104,6 +105,7 @@ def check_flags(args: argparse.Namespace) -> None:
     check_optional_features(args, device_type)
     compiling.check_flags(args, device_type)
     caching.check_flags(args)
+    buckets.check_flags(args)
     check_output_dir(args.output_dir, "--output_dir")
     if os.path.isabs(args.logging_dir):  # a relative --logging_dir lives inside --output_dir
         check_output_dir(args.logging_dir, "--logging_dir")

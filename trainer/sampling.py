@@ -142,23 +142,27 @@ def build_dataloader(
     seed: int,
     collate_fn: Callable[[list[Any]], Any],
     drop_last: bool = False,
-) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+    batch_sampler: Any = None,
+) -> tuple[torch.utils.data.DataLoader, Any]:
     """The training dataloader (shuffled, seeded, resumable) and its sampler (call ``set_epoch``).
 
     ``drop_last``: leave out an epoch's partial last batch (``--compile``: one batch shape for the run).
+    ``batch_sampler``: batches of ``(epoch, index)`` keys made elsewhere (``trainer.buckets``) instead of
+    :class:`EpochShuffleSampler`'s order cut into ``batch_size`` batches; it is the sampler returned.
     """
-    sampler = EpochShuffleSampler(len(dataset), seed)
+    sampler = batch_sampler if batch_sampler is not None else EpochShuffleSampler(len(dataset), seed)
+    batching: dict[str, Any] = (
+        {"batch_sampler": sampler} if batch_sampler is not None else {"sampler": sampler, "batch_size": batch_size, "drop_last": drop_last}
+    )
     # Its own generator: creating an iterator draws the workers' base seed from it instead of from the
     # global torch RNG, which would shift the training step's noise after a resume.
     generator = torch.Generator().manual_seed(derive_seed(seed, 2**31))
     loader = torch.utils.data.DataLoader(
         SeededSampleDataset(dataset, seed),
-        sampler=sampler,
-        batch_size=batch_size,
         collate_fn=collate_fn,
         num_workers=num_workers,
         generator=generator,
-        drop_last=drop_last,
+        **batching,
         # Workers survive a Ctrl-C / SLURM SIGTERM long enough for the main process to stop gracefully.
         worker_init_fn=WorkerSignals() if num_workers > 0 else None,
     )

@@ -33,6 +33,7 @@ import torch
 
 from trainer import (
     atomic,
+    buckets,
     caching,
     checkpointing,
     compiling,
@@ -129,13 +130,19 @@ def _train(
     resume_from = checked.resume_from
     data_seed = _data_seed(config, accelerator, resume_from)
     training_data = caching.prepare(config, train_dataset, components, accelerator)
-    if config.compile:  # one batch shape for the whole run: nothing recompiles mid-run
+    bucketing = train_dataset.buckets  # --enable_bucket: each row's bucket (trainer.buckets), else None
+    if config.compile and bucketing is None:  # one batch shape for the whole run: nothing recompiles mid-run
         compiling.full_batches_only(len(training_data.dataset), config.train_batch_size)
+    bucket_sampler = buckets.BucketBatchSampler(bucketing, config.train_batch_size, accelerator.num_processes, data_seed) if bucketing else None
     train_dataloader, sampler = sampling.build_dataloader(
         training_data.dataset, config.train_batch_size, config.dataloader_num_workers, data_seed, training_data.collate_fn,
-        drop_last=config.compile,
+        drop_last=config.compile, batch_sampler=bucket_sampler,
     )  # fmt: skip
     skipped_images = data.SkippedImages()  # --on_bad_image skip: filled from the batches, see train_loop
+    if bucketing:
+        accelerator.register_for_checkpointing(bucket_sampler)  # checkpoints say which buckets their data order used
+        skipped_images.record({data.SKIPPED_KEY: bucketing.unreadable})  # rows whose size could not be read
+        logger.info("Buckets: " + "; ".join(buckets.describe(bucketing.report(config.train_batch_size, accelerator.num_processes))))
 
     # ------------------------------------------------------------------ schedule, devices
     overrode_max_train_steps = config.max_train_steps is None
@@ -272,6 +279,7 @@ def _train(
             total_wall_time_s=time.perf_counter() - started,
             compile_mode=compiling.compile_mode(config),
             compile_backend=compiling.compile_backend(config),
+            buckets=bucketing.report(config.train_batch_size, accelerator.num_processes) if bucketing else None,
         )
         summary = metrics.run_summary(config, history, facts)
         metrics.write_summary(summary, output_dir)
