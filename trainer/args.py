@@ -352,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--noise_offset", type=float, default=0, help="The scale of noise offset.")
     add("--rank", type=int, default=4, help="The dimension of the LoRA update matrices.")
 
+    # ---------------------------------------------------------------- DoRA (diffusers' DreamBooth SDXL script)
+    add(
+        "--use_dora",
+        action="store_true",
+        help="Train a DoRA (Weight-Decomposed Low-Rank Adaptation, https://huggingface.co/papers/2402.09353):"
+        " PEFT's LoraConfig(use_dora=True), as diffusers' train_dreambooth_lora_sdxl.py. The LoRA file then holds"
+        " each layer's magnitude vector too; load_lora_weights reads it. With --kernels on the DoRA layers run"
+        " npu_kernels.dora_linear (row norms without forming W + s*B*A).",
+    )
+
     # ---------------------------------------------------------------- npu_kernels
     add(
         "--kernels",
