@@ -42,14 +42,19 @@ def _random_init(model: torch.nn.Module, seed: int = 0) -> None:
             bias.zero_()
 
 
-def build_lora_unet(config: dict, device: torch.device, weight_dtype: torch.dtype, rank: int = 4) -> UNet2DConditionModel:
-    """The recipe's model: frozen UNet in ``weight_dtype``, PEFT LoRA (rank 4) trainable in fp32."""
+def build_lora_unet(
+    config: dict, device: torch.device, weight_dtype: torch.dtype, rank: int = 4, use_dora: bool = False
+) -> UNet2DConditionModel:
+    """The recipe's model: frozen UNet in ``weight_dtype``, PEFT LoRA (rank 4; DoRA with ``use_dora``)
+    trainable in fp32."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     unet = unet.to(weight_dtype).to_empty(device=device)
     _random_init(unet)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, use_dora=use_dora, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # diffusers' cast_training_params: LoRA trains in fp32

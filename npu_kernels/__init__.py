@@ -9,7 +9,7 @@ Quick start::
 """
 from npu_kernels.backends import BackendUnavailableError, use_backend
 from npu_kernels.diffusers_integration import RECOMPUTE_LEVELS, FusedAttnProcessor, OptimizeReport, optimize, restore
-from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu, lora_linear
+from npu_kernels.ops import cross_attention, dora_linear, flash_attention, geglu, geglu_projection, group_norm_silu, lora_linear
 from npu_kernels.report import backend_report
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "RECOMPUTE_LEVELS",
     "backend_report",
     "cross_attention",
+    "dora_linear",
     "flash_attention",
     "geglu",
     "geglu_projection",

@@ -1,11 +1,12 @@
-"""PEFT's ``lora.Linear`` layers run as one :func:`npu_kernels.lora_linear` node.
+"""PEFT's ``lora.Linear`` layers run as one :func:`npu_kernels.lora_linear` node, DoRA layers
+(``use_dora=True``) as one :func:`npu_kernels.dora_linear` node.
 
-The patched forward checks, at every call, that the layer is in the one state where
-``lora_linear`` computes exactly what PEFT's forward does: one active adapter, plain LoRA (no DoRA
-or other variant, no LoRA bias), dropout that is the identity now (p = 0 or eval mode), not merged,
-adapters enabled, no extra call arguments. Anything else runs PEFT's own forward, so
-``merge``/``disable_adapters``/``set_adapter`` after :func:`npu_kernels.optimize` stay right.
-Parameters are read from the layer at each call: nothing is copied, cached or renamed.
+The patched forward checks, at every call, that the layer is in the one state where our op computes
+exactly what PEFT's forward does: one active adapter, plain LoRA or DoRA (no other variant, no LoRA
+bias), dropout that is the identity now (p = 0 or eval mode), not merged, adapters enabled, no extra
+call arguments. Anything else runs PEFT's own forward, so ``merge``/``disable_adapters``/``set_adapter``
+after :func:`npu_kernels.optimize` stay right. Parameters are read from the layer at each call: nothing
+is copied or renamed (DoRA caches only the frozen weight's squared row norms, keyed to its value).
 """
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ import torch
 from torch import nn
 
 from npu_kernels.ops._build import tracing
+from npu_kernels.ops.dora_linear import dora_linear
 from npu_kernels.ops.lora_linear import lora_linear, lora_linear_shared_input
 
 try:  # PEFT is optional: without it there are no LoRA layers to patch
     from peft.tuners.lora import Linear as _PeftLinear
     from peft.tuners.lora import LoraLayer as _PeftLoraLayer
+    from peft.tuners.lora.dora import DoraLinearLayer as _PeftDoraLinearLayer  # PEFT >= 0.9
 except ImportError:  # pragma: no cover - exercised only where peft is absent
-    _PeftLinear = _PeftLoraLayer = None
+    _PeftLinear = _PeftLoraLayer = _PeftDoraLinearLayer = None
+try:  # PEFT >= 0.16 holds DoRA as a LoRA variant object
+    from peft.tuners.lora.variants import DoraLinearVariant as _PeftDoraVariant
+except ImportError:  # older PEFT: a use_dora flag per adapter
+    _PeftDoraVariant = None
 
 _AUTOCAST_IGNORES = torch.float64  # autocast leaves float64 tensors alone; so does PEFT
 _NO_BIAS: dict[str, bool] = {}  # PEFT before lora_bias existed
@@ -51,14 +58,12 @@ def fallback_reason(layer: nn.Module) -> str | None:
     # use_dora, was the only variant) and lora_bias (>= 0.14). Without either DoRA flag we cannot
     # tell plain LoRA apart, so PEFT's forward runs.
     variants = getattr(layer, "lora_variant", None)
-    if variants is not None and name in variants:
-        return f"LoRA variant {type(variants[name]).__name__} (DoRA or similar)"
-    if variants is None:
-        use_dora = getattr(layer, "use_dora", None)
-        if use_dora is None:
-            return "this PEFT's lora.Linear has neither lora_variant nor use_dora: cannot tell plain LoRA"
-        if use_dora.get(name, False):
-            return "DoRA (use_dora=True)"
+    if variants is not None and name in variants and not _is_dora_variant(variants[name]):
+        return f"LoRA variant {type(variants[name]).__name__}"
+    if variants is None and getattr(layer, "use_dora", None) is None:
+        return "this PEFT's lora.Linear has neither lora_variant nor use_dora: cannot tell plain LoRA"
+    if _uses_dora(layer, name) and type(layer.lora_magnitude_vector[name]) is not _PeftDoraLinearLayer:
+        return f"DoRA magnitude of type {type(layer.lora_magnitude_vector[name]).__name__}"
     if getattr(layer, "lora_bias", _NO_BIAS).get(name, False):
         return "lora_B has a bias (lora_bias=True)"
     dropout = layer.lora_dropout[name]
@@ -69,14 +74,26 @@ def fallback_reason(layer: nn.Module) -> str | None:
     return None
 
 
+def _is_dora_variant(variant: object) -> bool:
+    return _PeftDoraVariant is not None and type(variant) is _PeftDoraVariant
+
+
+def _uses_dora(layer: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` of the layer is DoRA (PEFT >= 0.16: its variant; before: ``use_dora``)."""
+    variants = getattr(layer, "lora_variant", None)
+    if variants is not None:
+        return name in variants and _is_dora_variant(variants[name])
+    return layer.use_dora.get(name, False)
+
+
 def _same_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
     dtype = x.dtype  # plain comparisons, no generator: this runs at every call
     return weight.dtype == dtype and lora_A.dtype == dtype and lora_B.dtype == dtype and (bias is None or bias.dtype == dtype)
 
 
 def _fast_path_params(layer: nn.Module, x: torch.Tensor):
-    """``(weight, bias, lora_A, lora_B, scale)`` when ``lora_linear`` computes exactly PEFT's forward
-    for this layer and input now, else ``None``."""
+    """``(weight, bias, lora_A, lora_B, scale, magnitude)`` when our op computes exactly PEFT's forward
+    for this layer and input now (``magnitude``: DoRA's vector, ``None`` for plain LoRA), else ``None``."""
     if fallback_reason(layer) is not None:
         return None
     name = layer.active_adapters[0]
@@ -91,15 +108,23 @@ def _fast_path_params(layer: nn.Module, x: torch.Tensor):
             return None
     elif not _same_dtypes(x, weight, bias, lora_A, lora_B):
         return None  # PEFT's type promotion between base and LoRA dtypes
-    return weight, bias, lora_A, lora_B, layer.scaling[name]
+    magnitude = layer.lora_magnitude_vector[name].weight if _uses_dora(layer, name) else None
+    if magnitude is not None and magnitude.dtype != lora_A.dtype:
+        return None  # PEFT's type promotion between the magnitude and the norm (lora_A's dtype)
+    return weight, bias, lora_A, lora_B, layer.scaling[name], magnitude
 
 
 def lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``lora.Linear.forward`` as one ``lora_linear`` node when that is the same maths, else PEFT's."""
+    """``lora.Linear.forward`` as one ``lora_linear`` (or, for DoRA, ``dora_linear``) node when that is
+    the same maths, else PEFT's."""
     params = None if args or kwargs else _fast_path_params(self, x)
     if params is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(x, *params)
+    *params, magnitude = params
+    if magnitude is None:
+        return lora_linear(x, *params)
+    weight, bias, lora_A, lora_B, scale = params
+    return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -119,15 +144,15 @@ def _runs_plain_fast_path(module: nn.Module) -> bool:
 def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """``tuple(m(x) for m in modules)`` as one autograd node (self-attention's to_q/to_k/to_v), or
     ``None`` when that is not exactly the same: a layer not on the fused path, an unfrozen base,
-    hooks, or tracing (under torch.compile each projection stays its own custom op)."""
+    hooks, DoRA, or tracing (under torch.compile each projection stays its own custom op)."""
     if tracing():
         return None
     layers = []
     for module in modules:
         if not _runs_plain_fast_path(module) or (params := _fast_path_params(module, x)) is None:
             return None
-        weight, bias = params[0], params[1]
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        weight, bias, *_lora, magnitude = params
+        if magnitude is not None or weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
-        layers.append(params)
+        layers.append(params[:5])
     return lora_linear_shared_input(x, layers)

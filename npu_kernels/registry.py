@@ -86,7 +86,26 @@ class LoraLinearInputs:
         return () if self.bias is None else (self.bias,)
 
 
-Inputs = GegluInputs | GroupNormSiluInputs | AttentionInputs | LoraLinearInputs
+@dataclasses.dataclass(frozen=True)
+class DoraLinearInputs:
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    lora_A: Tensor
+    lora_B: Tensor
+    magnitude: Tensor
+    weight_norm: Tensor
+
+    @property
+    def data(self) -> tuple[Tensor, ...]:
+        return (self.x, self.weight, self.lora_A, self.lora_B)
+
+    @property
+    def others(self) -> tuple[Tensor, ...]:
+        return (self.magnitude, self.weight_norm) + (() if self.bias is None else (self.bias,))
+
+
+Inputs = GegluInputs | GroupNormSiluInputs | AttentionInputs | LoraLinearInputs | DoraLinearInputs
 
 
 # ------------------------------------------------------------------------------------ the spec
@@ -155,7 +174,7 @@ def op_names() -> tuple[str, ...]:
 
 
 def backend_ops() -> tuple[str, ...]:
-    """The ops a backend is chosen for (``lora_linear`` runs ATen's GEMMs on every device)."""
+    """The ops a backend is chosen for (``lora_linear`` and ``dora_linear`` run ATen's GEMMs on every device)."""
     return tuple(name for name, spec in OPS.items() if spec.fixed_backend is None)
 
 

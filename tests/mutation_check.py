@@ -144,6 +144,7 @@ GROUP_NORM = _op_tests("tests/ops/test_group_norm_silu.py")
 FLASH = _op_tests("tests/ops/test_flash_attention.py")
 CROSS = _op_tests("tests/ops/test_cross_attention.py")
 LORA = _op_tests("tests/ops/test_lora_linear.py")
+DORA = _op_tests("tests/ops/test_dora_linear.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("geglu", "forward", "geglu_forward", None, GEGLU),
@@ -164,6 +165,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("lora_linear", "grad x", "lora_linear_backward", 0, LORA),
     Mutation("lora_linear", "grad lora_A", "lora_linear_backward", 3, LORA),
     Mutation("lora_linear", "grad lora_B", "lora_linear_backward", 4, LORA),
+    Mutation("dora_linear", "forward", "dora_linear_forward", 0, DORA),
+    *(
+        Mutation("dora_linear", f"grad {name}", "dora_linear_backward", index, DORA)
+        for name, index in (("x", 0), ("lora_A", 3), ("lora_B", 4), ("magnitude", 5))
+    ),
 )
 UNET_TESTS = ("tests/test_diffusers_integration.py", "-k", "frozen_base_lora_step_matches_stock and bf16")
 

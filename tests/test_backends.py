@@ -78,8 +78,8 @@ def test_a_forced_backend_belongs_to_its_task():
 
 
 def test_the_registry_lists_every_op_once_and_the_listers_read_it():
-    assert sorted(registry.OPS) == ["cross_attention", "flash_attention", "geglu", "group_norm_silu", "lora_linear"]
-    assert set(registry.backend_ops()) == set(registry.OPS) - {"lora_linear"}  # ATen GEMMs: no backend choice
+    assert sorted(registry.OPS) == ["cross_attention", "dora_linear", "flash_attention", "geglu", "group_norm_silu", "lora_linear"]
+    assert set(registry.backend_ops()) == set(registry.OPS) - {"lora_linear", "dora_linear"}  # ATen GEMMs: no backend choice
     assert registry.decomposable_ops() == registry.backend_ops()  # plain maths for every op a backend serves
     assert list(npu_kernels.backend_report("cpu")) == list(registry.OPS)
     for name, spec in registry.OPS.items():
@@ -117,7 +117,7 @@ def test_cpu_auto_uses_the_pytorch_path_and_sdpa_for_attention():
     # SDPA runs ATen's CPU flash kernel like our PyTorch path, with its backward in C++.
     assert npu_kernels.backend_report("cpu") == {
         "geglu": "torch", "group_norm_silu": "torch", "flash_attention": "sdpa", "cross_attention": "sdpa",
-        "lora_linear": "torch",
+        "lora_linear": "torch", "dora_linear": "torch",
     }
 
 
@@ -128,7 +128,7 @@ def test_cuda_auto_routes_attention_to_sdpa_and_the_rest_to_triton():
     assert backends.auto_candidates("cuda", "geglu")[0] == "triton"
     assert npu_kernels.backend_report("cuda") == {
         "geglu": "triton", "group_norm_silu": "triton", "flash_attention": "sdpa", "cross_attention": "sdpa",
-        "lora_linear": "torch",  # ATen GEMMs on every device
+        "lora_linear": "torch", "dora_linear": "torch",  # ATen GEMMs on every device
     }
 
 

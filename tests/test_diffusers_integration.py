@@ -274,10 +274,9 @@ def _add_second_adapter(layer) -> None:
         (lambda m: (_lora_block(lora_dropout=0.1), None), "dropout"),
         (lambda m: (m, m[0].merge()), "merged"),
         (lambda m: (m, [layer.enable_adapters(False) for layer in m]), "disabled"),
-        (lambda m: (_lora_block(use_dora=True), None), "DoRA"),
         (lambda m: (m, None), "two adapters"),
     ],
-    ids=["dropout", "merged", "disabled", "dora", "two-adapters"],
+    ids=["dropout", "merged", "disabled", "two-adapters"],  # DoRA runs dora_linear: tests/ops/test_dora_linear.py
 )
 def test_lora_fallbacks_keep_peft_forward(make_state, reason, lora_calls):
     """Anything lora_linear does not compute exactly runs PEFT's own forward, also when the state

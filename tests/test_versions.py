@@ -121,10 +121,17 @@ def test_lora_layer_of_a_peft_without_lora_variant_runs_the_fast_path_exactly():
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_dora_on_a_peft_without_lora_variant_falls_back_with_the_reason():
-    layer = _lora_linear(use_dora=True)[0]
-    layer.__dict__.pop("lora_variant", None)
-    assert peft_lora.fallback_reason(layer) == "DoRA (use_dora=True)"
+def test_dora_on_a_peft_without_lora_variant_runs_dora_linear_exactly():
+    """PEFT < 0.16 flags DoRA in ``use_dora`` (the floor's layout): still recognised, and dora_linear
+    computes what the layer computed."""
+    model = _lora_linear(use_dora=True)
+    x = torch.randn(4, 9)
+    expected = model(x)
+    model[0].__dict__.pop("lora_variant", None)
+    report = npu_kernels.optimize(model)
+    assert report.lora_layers == 1 and report.lora_fallbacks == []
+    assert peft_lora._uses_dora(model[0], "default")
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_layer_lacking_every_variant_flag_falls_back_with_the_reason():

@@ -378,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
         " convert_state_dict_to_kohya, as its DreamBooth SDXL script's flag of the same name).",
     )
 
+    # ---------------------------------------------------------------- DoRA (diffusers' DreamBooth SDXL script)
+    add(
+        "--use_dora",
+        action="store_true",
+        help="Train a DoRA (Weight-Decomposed Low-Rank Adaptation, https://huggingface.co/papers/2402.09353):"
+        " PEFT's LoraConfig(use_dora=True), as diffusers' train_dreambooth_lora_sdxl.py. The LoRA file then holds"
+        " each layer's magnitude vector too; load_lora_weights reads it. With the kernels on, the DoRA layers run"
+        " npu_kernels.dora_linear (row norms without forming W + s*B*A).",
+    )
+
     # ---------------------------------------------------------------- npu_kernels
     add(
         "--kernels",

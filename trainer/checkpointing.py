@@ -56,7 +56,7 @@ _STAGING_NAME = re.compile(r"^\.checkpoint-(\d+)\.partial$")
 RUN_IDENTITY_FLAGS = (
     "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant", "dataset_name",
     "dataset_config_name", "train_data_dir", "image_column", "caption_column", "max_train_samples", "resolution",
-    "center_crop", "random_flip", "rank", "train_text_encoder", "learning_rate", "scale_lr", "lr_scheduler",
+    "center_crop", "random_flip", "rank", "use_dora", "train_text_encoder", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "snr_gamma", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "prediction_type", "noise_offset", "mixed_precision", "seed", "kernels", "geglu_approximate",
     "image_interpolation_mode",

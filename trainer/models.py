@@ -6,7 +6,8 @@ Semantics follow diffusers' ``train_text_to_image_lora_sdxl.py``:
   unless a separate VAE (``--pretrained_vae_model_name_or_path``/``--vae_name``, e.g. the fp16-fix VAE)
   is given, which is stored in the mixed-precision dtype too;
 * PEFT LoRA on ``to_q``/``to_k``/``to_v``/``to_out.0`` with ``lora_alpha = rank`` and gaussian init (text
-  encoders: ``q_proj``/``k_proj``/``v_proj``/``out_proj``);
+  encoders: ``q_proj``/``k_proj``/``v_proj``/``out_proj``); DoRA with ``--use_dora`` as in diffusers'
+  ``train_dreambooth_lora_sdxl.py`` (the magnitude vectors saved and loaded with the LoRA weights);
 * LoRA files via ``get_peft_model_state_dict`` + ``convert_state_dict_to_diffusers`` +
   ``StableDiffusionXLPipeline.save_lora_weights``, loadable with ``load_lora_weights``.
 
@@ -159,16 +160,17 @@ def enable_attention_backends(unet: torch.nn.Module, args: argparse.Namespace) -
         unet.enable_xformers_memory_efficient_attention()
 
 
-def add_lora(components: SDXLComponents, rank: int, train_text_encoder: bool) -> None:
-    """Attach PEFT LoRA adapters (the only trainable parameters) to the UNet and optionally the text encoders."""
+def add_lora(components: SDXLComponents, rank: int, train_text_encoder: bool, use_dora: bool = False) -> None:
+    """Attach PEFT LoRA adapters (the only trainable parameters) to the UNet and optionally the text encoders;
+    ``use_dora`` (``--use_dora``): DoRA adapters, as diffusers' DreamBooth SDXL script configures them."""
     from peft import LoraConfig
 
     components.unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+        LoraConfig(r=rank, lora_alpha=rank, use_dora=use_dora, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
     )
     if train_text_encoder:
         text_config = LoraConfig(
-            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+            r=rank, lora_alpha=rank, use_dora=use_dora, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
         )
         add_text_encoder_adapter(components.text_encoder_one, text_config)
         add_text_encoder_adapter(components.text_encoder_two, text_config)
@@ -215,7 +217,8 @@ def load_lora_into_pipeline(pipeline: Any, directory: str) -> None:
         if not downs:
             continue
         rank = downs[0].shape[0]
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_ENCODER_LORA_TARGETS)
+        use_dora = any(k.startswith(prefix) and "lora_magnitude_vector" in k for k in state)
+        config = LoraConfig(r=rank, lora_alpha=rank, use_dora=use_dora, target_modules=TEXT_ENCODER_LORA_TARGETS)
         inject_adapter_in_model(config, text_encoder, adapter_name="default")
         _set_state_dict_into_text_encoder(state, prefix=prefix, text_encoder=text_encoder)
 

@@ -105,7 +105,7 @@ def _train(
     # ------------------------------------------------------------------ models
     components = models.load_components(config, accelerator.device, accelerator.mixed_precision)
     models.enable_attention_backends(components.unet, config)
-    models.add_lora(components, config.rank, config.train_text_encoder)
+    models.add_lora(components, config.rank, config.train_text_encoder, config.use_dora)
     components.kernels_report = models.apply_kernels(
         components.unet, config.kernels == "on", config.geglu_approximate, config.recompute
     )

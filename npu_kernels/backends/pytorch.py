@@ -328,3 +328,41 @@ def lora_linear_backward(
     if need_b:  # needs_input_grad is False for an absent bias
         grad_b = g2d.sum(0)
     return grad_x, grad_w, grad_b, grad_a, grad_bb
+
+
+# ---------------------------------------------------------------------------------- DoRA linear
+# Here only, as lora_linear's kernels: ATen's GEMMs serve it on every device.
+def dora_linear_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+    weight_norm: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, x Aᵀ, y, x as 2-D)`` with ``y = x Wᵀ + scale·(x Aᵀ) Bᵀ`` (lora_linear's GEMMs, without
+    the bias) and ``out = b + (magnitude / weight_norm)·y``, the scale per output feature. ``y`` is
+    what the magnitude's gradient reads."""
+    y, xa, x2d = lora_linear_forward(x, weight, None, lora_A, lora_B, scale)
+    column_scale = (magnitude / weight_norm).to(y.dtype)
+    out = torch.addcmul(bias, y, column_scale) if bias is not None else y * column_scale
+    return out, xa, y, x2d
+
+
+def dora_linear_backward(
+    grad_out: Tensor, x: Tensor, xa: Tensor, y: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+    magnitude: Tensor, weight_norm: Tensor, scale: float, needs_input_grad: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """Gradients for (x, weight, bias, lora_A, lora_B, magnitude); ``weight_norm`` is a constant
+    (PEFT detaches it, as the DoRA paper's section 4.3 says). The gradient reaching ``y`` is
+    ``grad·(magnitude / weight_norm)``, from which lora_linear's backward gives x, W, A and B;
+    grad magnitude = Σ_rows grad·y / weight_norm, summed in float32 at least."""
+    need_b, need_m = needs_input_grad[2], needs_input_grad[5]
+    column_scale = (magnitude / weight_norm).to(grad_out.dtype)
+    grad_y = grad_out * column_scale
+    grad_x, grad_w, _, grad_a, grad_bb = lora_linear_backward(
+        grad_y, x, xa, weight, lora_A, lora_B, scale, (*needs_input_grad[:2], False, *needs_input_grad[3:5])
+    )
+    g2d = _as_2d(grad_out)
+    grad_b = g2d.sum(0) if need_b else None
+    grad_m = None
+    if need_m:
+        acc = torch.promote_types(weight_norm.dtype, torch.float32)
+        grad_m = ((g2d * _as_2d(y)).sum(0, dtype=acc) / weight_norm).to(magnitude.dtype)
+    return grad_x, grad_w, grad_b, grad_a, grad_bb, grad_m

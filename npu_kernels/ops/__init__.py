@@ -7,4 +7,10 @@ from npu_kernels.ops.geglu import geglu, geglu_projection
 from npu_kernels.ops.group_norm_silu import group_norm_silu
 from npu_kernels.ops.lora_linear import lora_linear
 
-__all__ = ["cross_attention", "flash_attention", "geglu", "geglu_projection", "group_norm_silu", "lora_linear"]
+# isort: split
+# Reports list the ops in the order they register: DoRA after the LoRA projection it builds on.
+from npu_kernels.ops.dora_linear import dora_linear
+
+__all__ = [
+    "cross_attention", "dora_linear", "flash_attention", "geglu", "geglu_projection", "group_norm_silu", "lora_linear",
+]
