@@ -173,12 +173,11 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path: Path, unin
     assert lora_bytes(out) == lora_bytes(uninterrupted)
 
 
-def test_dataloader_workers_do_not_change_the_run(tmp_path: Path, assets: object) -> None:
-    """Augmentations draw from per-sample seeds: 2 worker processes train on exactly what 0 do."""
-    base = [*TINY, "--max_train_steps", "3"]
-    inline, _, _ = run_main([*base, "--output_dir", str(tmp_path / "w0")])
-    workers, _, _ = run_main([*base, "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "w2")])
-    assert workers["loss_history"] == inline["loss_history"]
+def test_dataloader_workers_do_not_change_the_run(tmp_path: Path, uninterrupted: Path) -> None:
+    """Augmentations draw from per-sample seeds: 2 worker processes train on exactly what 0 do (the
+    uninterrupted run's first 3 steps: checkpoints and a longer run change no step before them)."""
+    workers, _, _ = run_main([*TINY, "--max_train_steps", "3", "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "w2")])
+    assert workers["loss_history"] == summary(uninterrupted)["loss_history"][:3]
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
