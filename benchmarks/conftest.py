@@ -8,6 +8,10 @@ Full run::
 
 The UNet and trainer steps run eager and compiled (``torch.compile``, ``--compile-mode``), stock and
 optimized; ``-k eager`` or ``-k compiled`` runs one side only.
+
+Under ``--benchmark-disable`` (the test command: each row runs once as a smoke test) the compiled rows
+listed in ``SMOKE_DUPLICATES`` are ``slow``: what they check, a faster test checks too, and compiling
+the UNet takes minutes on a CPU. A timed run (without ``--benchmark-disable``) keeps every row.
 """
 from __future__ import annotations
 
@@ -18,6 +22,31 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+
+# Smoke rows deselected from the test command (marked ``slow``), each with the faster test that checks
+# the same thing. The compiled rows these leave in CI: unet_step bf16-compiled-npu_kernels (the optimized
+# UNet captured whole under bf16 autocast) and trainer_step *-compiled-speed_features (``--compile`` with
+# the kernels and both caches, fp32 losses against default flags eager).
+SMOKE_DUPLICATES: dict[str, str] = {
+    "test_bench_unet_step.py::test_unet_step[fp32-compiled-npu_kernels]":
+        "tests/test_diffusers_integration.py::test_compiled_optimized_unet_matches_eager (output and every gradient)",
+    "test_bench_unet_step.py::test_unet_step[fp32-compiled-stock]": "stock diffusers compiled: nothing of ours",
+    "test_bench_unet_step.py::test_unet_step[bf16-compiled-stock]": "stock diffusers compiled: nothing of ours",
+    "test_bench_trainer_step.py::test_trainer_step[fp32-compiled-default_flags]":
+        "tests/trainer/test_compile.py (--compile, kernels on: every step's loss vs eager)",
+    "test_bench_trainer_step.py::test_trainer_step[bf16-compiled-default_flags]":
+        "trainer_step[bf16-compiled-speed_features] (the same --compile path, kernels and caches on)",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the marks added here count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--bench-size") != "smoke" or not config.getoption("benchmark_disable", default=False):
+        return
+    for item in items:
+        if item.nodeid.removeprefix("benchmarks/") in SMOKE_DUPLICATES:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

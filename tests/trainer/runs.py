@@ -1,8 +1,10 @@
-"""Helpers of the trainer's scale and fault tests: tiny runs of ``python -m trainer.sdxl_lora`` in a
-subprocess (to launch, signal or kill them) and comparisons of their outputs."""
+"""Helpers of the trainer's tests: tiny runs of ``python -m trainer.sdxl_lora`` in-process (:func:`run_main`)
+or in a subprocess (to launch, signal or kill them) and comparisons of their outputs."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -24,6 +26,32 @@ TINY = [
     "--max_train_samples", "8", "--train_batch_size", "2", "--max_train_steps", "6",
     "--num_validation_images", "0", "--report_to", "none",
 ]  # fmt: skip
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run must start from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_main(argv: Sequence[str]) -> tuple[dict[str, Any], str, str]:
+    """``trainer.sdxl_lora.main(argv)`` in this process, stdout/stderr captured: (summary, stdout, stderr)."""
+    import torch
+
+    from trainer.sdxl_lora import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # the embedded run pins 1 thread; give later tests theirs back
+    _reset_accelerate()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            summary = main(list(argv))
+    finally:
+        _reset_accelerate()
+        torch.set_num_threads(threads)
+    return summary, out.getvalue(), err.getvalue()
 
 
 def trainer_env(cache: Path, **extra: str) -> dict[str, str]:

@@ -83,7 +83,6 @@ OUR_FLAGS = {
     "vae_name": None, "validation_prompts": None, "kernels": "on", "validation_inference_steps": None,
     "use_npu_fused_adamw": False, "max_nonfinite_steps": 5, "geglu_approximate": "none",
     "recompute": "none", "output_kohya_format": False, "use_dora": False, "enable_bucket": False,
-    "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
 }  # fmt: skip
 
 

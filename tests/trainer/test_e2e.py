@@ -2,8 +2,6 @@
 kernels on vs off; an imagefolder run. In-process (``main(argv)``), tiny model, CPU."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
@@ -13,33 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.trainer.runs import run_main
 from trainer.embedded_default import EMBEDDED_OVERRIDES, ensure_assets
 
 OUTPUT = EMBEDDED_OVERRIDES["output_dir"]
-
-
-def _reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; each in-process run must start from a clean state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_main(argv: list[str]) -> tuple[dict[str, Any], str, str]:
-    """``trainer.sdxl_lora.main(argv)`` with stdout/stderr captured: (summary, stdout, stderr)."""
-    from trainer.sdxl_lora import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()  # the embedded run pins 1 thread; give later tests theirs back
-    _reset_accelerate()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            summary = main(argv)
-    finally:
-        _reset_accelerate()
-        torch.set_num_threads(threads)
-    return summary, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, summary, trainer_env
-from tests.trainer.test_e2e import run_main
+from tests.trainer.runs import LORA_FILE, REPO, TINY, lora_bytes, run_main, summary, trainer_env
 from trainer import caching, checkpointing, distributed, sampling
 from trainer.ownership import LOCK_FILE
 from trainer.preflight import InputError
@@ -148,11 +147,9 @@ def test_cache_text_embeddings_refuses_trained_text_encoders() -> None:
 
 # ----------------------------------------------------------------------------- checkpoints and resume
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, assets: object) -> Path:
-    """6 steps, a checkpoint every 2, at most 2 kept."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_main([*TINY, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--output_dir", str(out)])
-    return out
+def uninterrupted(uninterrupted_run: Path, assets: object) -> Path:
+    """6 steps, a checkpoint every 2, at most 2 kept (shared with test_faults: tests/trainer/conftest.py)."""
+    return uninterrupted_run
 
 
 def test_checkpoints_total_limit_keeps_the_newest(uninterrupted: Path) -> None:
@@ -173,12 +170,11 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path: Path, unin
     assert lora_bytes(out) == lora_bytes(uninterrupted)
 
 
-def test_dataloader_workers_do_not_change_the_run(tmp_path: Path, assets: object) -> None:
-    """Augmentations draw from per-sample seeds: 2 worker processes train on exactly what 0 do."""
-    base = [*TINY, "--max_train_steps", "3"]
-    inline, _, _ = run_main([*base, "--output_dir", str(tmp_path / "w0")])
-    workers, _, _ = run_main([*base, "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "w2")])
-    assert workers["loss_history"] == inline["loss_history"]
+def test_dataloader_workers_do_not_change_the_run(tmp_path: Path, uninterrupted: Path) -> None:
+    """Augmentations draw from per-sample seeds: 2 worker processes train on exactly what 0 do (the
+    uninterrupted run's first 3 steps: checkpoints and a longer run change no step before them)."""
+    workers, _, _ = run_main([*TINY, "--max_train_steps", "3", "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "w2")])
+    assert workers["loss_history"] == summary(uninterrupted)["loss_history"][:3]
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
