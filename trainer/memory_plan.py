@@ -9,8 +9,9 @@ How it is measured, not estimated: the run's four models are built from their co
 functions (:mod:`trainer.models`: dtypes, PEFT LoRA, ``npu_kernels.optimize``, gradient checkpointing;
 :mod:`trainer.optim`: the optimizer), and one step -- :func:`trainer.loop.training_loss` on a batch of the
 run's resolution and size (pixels and token ids, or the cached latents / embeddings), backward, gradient
-clipping, the optimizer update -- runs on them under ``torch.distributed._tools.mem_tracker.MemTracker``,
-which follows every storage the step allocates and frees and records the peak by kind. No per-layer
+clipping, the optimizer update -- runs on them under ``torch.distributed._tools.mem_tracker.MemTracker``
+(without its module hooks: see :func:`_mem_tracker`), which follows every storage the step allocates and
+frees and records the peak by kind. No per-layer
 formula: a change in an op, a flag or diffusers changes the plan by itself. The optimizer's states are
 created first (one update with zero gradients), so the step traced is a steady-state one.
 
@@ -189,7 +190,7 @@ def prepare_step(
 
 
 def _to_fake_storage(module: torch.nn.Module, device: torch.device) -> None:
-    """``module.to_empty(device=device)`` under a ``FakeTensorMode``, five times faster: ``to_empty`` calls
+    """``module.to_empty(device=device)`` under a ``FakeTensorMode``, several times faster: ``to_empty`` calls
     ``empty_like`` on each meta tensor, which the fake mode first converts to a fake tensor (a bypass of its
     cache); a fresh ``empty_strided`` of the same layout is a plain factory call."""
     module._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))  # noqa: SLF001 (to_empty's own route)
