@@ -51,9 +51,11 @@ def smallest_fitting(total: int) -> str:
 
 
 def table(precisions: tuple[str, ...], log=print) -> str:
-    """The Markdown table: one row per configuration, one column per precision."""
+    """The Markdown table: one row per configuration, one column per precision (each line logged as it is made)."""
     configs = None
     lines = [f"| SDXL LoRA, 1024 px, batch 1 | {' | '.join(precisions)} |", "|---|" + "---|" * len(precisions)]
+    for line in lines:
+        log(line)
     for name, flags in rows():
         cells = []
         for precision in precisions:
@@ -63,6 +65,7 @@ def table(precisions: tuple[str, ...], log=print) -> str:
             log(f"{name}, {precision}: {memory_plan.format_bytes(plan.total)} (planned in {plan.seconds:.0f} s)")
             cells.append(f"{plan.total / 2**30:.1f} GiB: {smallest_fitting(plan.total)}")
         lines.append(f"| {name} | {' | '.join(cells)} |")
+        log(lines[-1])
     return "\n".join(lines)
 
 
