@@ -9,8 +9,9 @@ How it is measured, not estimated: the run's four models are built from their co
 functions (:mod:`trainer.models`: dtypes, PEFT LoRA, ``npu_kernels.optimize``, gradient checkpointing;
 :mod:`trainer.optim`: the optimizer), and one step -- :func:`trainer.loop.training_loss` on a batch of the
 run's resolution and size (pixels and token ids, or the cached latents / embeddings), backward, gradient
-clipping, the optimizer update -- runs on them under ``torch.distributed._tools.mem_tracker.MemTracker``,
-which follows every storage the step allocates and frees and records the peak by kind. No per-layer
+clipping, the optimizer update -- runs on them under ``torch.distributed._tools.mem_tracker.MemTracker``
+(without its module hooks: see :func:`_mem_tracker`), which follows every storage the step allocates and
+frees and records the peak by kind. No per-layer
 formula: a change in an op, a flag or diffusers changes the plan by itself. The optimizer's states are
 created first (one update with zero gradients), so the step traced is a steady-state one.
 
@@ -36,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from trainer import loop, models, optim, preflight, sdxl_configs
+from trainer.args import RECOMPUTE_LEVELS
 from trainer.embedded_default import ensure_assets
 from trainer.errors import InputError, one_line
 
@@ -48,10 +50,12 @@ ALLOCATOR_SLACK = 0.10
 DEVICES_WITH_CACHING_ALLOCATOR = ("cuda", "npu", "xpu")
 GIB = 1024**3
 
-#: Changes that lower a run's peak, tried in this order when it does not fit: (flags shown, overrides).
+#: Changes that lower a run's peak, tried in this order when it does not fit: (flags shown, overrides). The
+#: recompute levels (``trainer.args.RECOMPUTE_LEVELS``, least to most frugal) come first: they cost the least
+#: step time.
 MEMORY_SAVING_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    *((f"--recompute {level}", {"kernels": "on", "recompute": level}) for level in RECOMPUTE_LEVELS[1:]),
     ("--gradient_checkpointing", {"gradient_checkpointing": True}),
-    ("--recompute geglu_projection", {"kernels": "on", "recompute": "geglu_projection"}),
     ("--cache_latents --cache_text_embeddings", {"cache_latents": True, "cache_text_embeddings": True}),
     ("--mixed_precision bf16", {"mixed_precision": "bf16"}),
 )
@@ -160,7 +164,7 @@ def prepare_step(
             tokenizer_one=None, tokenizer_two=None, text_encoder_one=text_encoders[0], text_encoder_two=text_encoders[1],
             vae=vae, unet=unet, noise_scheduler=noise_scheduler, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
         )  # fmt: skip
-        models.add_lora(components, args.rank, args.train_text_encoder)
+        models.add_lora(components, args.rank, args.train_text_encoder, getattr(args, "use_dora", False))
         components.kernels_report = models.apply_kernels(
             unet, args.kernels == "on", args.geglu_approximate, args.recompute
         )
@@ -173,7 +177,7 @@ def prepare_step(
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         if fake_mode is not None:
             for module in (unet, vae, *text_encoders):
-                module.to_empty(device=device)
+                _to_fake_storage(module, device)
         params = models.trainable_parameters(trainable)
         optimizer = optim.build_optimizer(_planning_args(args), params, args.learning_rate)
         for param in params:  # one update creates the optimizer's states: the step traced is a steady-state one
@@ -183,6 +187,13 @@ def prepare_step(
     for module in trainable:
         _forward_as_accelerate_prepares(module, device.type, mixed_precision)
     return PreparedStep(components, optimizer, params, mixed_precision, device)
+
+
+def _to_fake_storage(module: torch.nn.Module, device: torch.device) -> None:
+    """``module.to_empty(device=device)`` under a ``FakeTensorMode``, several times faster: ``to_empty`` calls
+    ``empty_like`` on each meta tensor, which the fake mode first converts to a fake tensor (a bypass of its
+    cache); a fresh ``empty_strided`` of the same layout is a plain factory call."""
+    module._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))  # noqa: SLF001 (to_empty's own route)
 
 
 def _forward_as_accelerate_prepares(module: torch.nn.Module, device_type: str, mixed_precision: str) -> None:
@@ -240,42 +251,54 @@ def run_step(args: argparse.Namespace, prepared: PreparedStep) -> None:
     prepared.optimizer.zero_grad(set_to_none=True)
 
 
-def _mem_tracker() -> Any:
-    """A ``MemTracker`` that records the step's peak only and hooks gradients of trainable parameters only.
+def _mem_tracker(trainable: list[torch.nn.Parameter]) -> Any:
+    """A ``MemTracker`` that records the step's peak only, without module hooks, and hooks the gradients of
+    ``trainable`` only.
 
-    MemTracker also keeps every module's own peak, walking all modules at every op (minutes for SDXL's 2,000
-    modules and 27,000 ops); the step's peak is its last loop alone. And it registers a gradient hook on every
-    parameter of every module it sees run, which raises for a frozen one (all of a LoRA run's base weights).
+    MemTracker's per-module statistics come from global module hooks (its ``ModTracker``). A global hook
+    changes the step itself: npu_kernels' fused layers (the LoRA fast path, the GEGLU projection recompute)
+    cannot skip a hook, so with one installed they run their unfused path and the plan would be that
+    step's, not the run's. The step's peak needs none of them: the storages come from the dispatch mode,
+    the gradients from tensor hooks, the optimizer states from optimizer hooks. MemTracker would also keep
+    every module's own peak, walking all modules at every op, and register a gradient hook on every
+    parameter, which raises for a frozen one (all of a LoRA run's base weights).
     """
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class BackwardFlagOnly(ModTracker):
+        """``is_bw`` (what MemTracker labels activations and temporaries by), without the global hooks."""
+
+        def __enter__(self) -> BackwardFlagOnly:
+            return self
+
+        def __exit__(self, *args: Any) -> None:
+            pass
 
     class StepPeakMemTracker(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self._mod_tracker = BackwardFlagOnly()
+            for param in trainable:
+                def track(grad: torch.Tensor) -> None:
+                    self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                self._param_to_grad_hook_handles[param] = (  # removed by MemTracker on exit
+                    param.register_hook(track), param.register_post_accumulate_grad_hook(lambda p: track(p.grad))
+                )
+
         def _update_peak_stats(self, peak_state: Any) -> None:
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
                     self._peak_mem[device] = snapshot[_TOTAL_KEY]
                     self._peak_mem_snap[device] = dict(snapshot)
 
-        def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
-            memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-            if not install_grad_hooks:
-                return memory
-            for param in module.parameters():
-                if param.requires_grad and self._param_to_grad_hook_handles.get(param, None) is None:
-                    def track(grad: torch.Tensor) -> None:
-                        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
-
-                    self._param_to_grad_hook_handles[param] = (
-                        param.register_hook(track), param.register_post_accumulate_grad_hook(lambda p: track(p.grad))
-                    )
-            return memory
-
     return StepPeakMemTracker()
 
 
 def tracked_step_peak(args: argparse.Namespace, prepared: PreparedStep) -> dict[str, int]:
     """MemTracker's snapshot of ``prepared.device`` at the step's peak: bytes per kind and ``Total``."""
-    tracker = _mem_tracker()
+    tracker = _mem_tracker(prepared.params)
     components = prepared.components
     tracker.track_external(components.unet, components.vae, *components.text_encoders, prepared.optimizer)
     with tracker:
@@ -421,14 +444,23 @@ def device_free_memory(device_type: str, local_rank: int = -1) -> int | None:
     return None
 
 
+def _already_used(args: argparse.Namespace, overrides: dict[str, Any]) -> bool:
+    """Whether ``args`` already has ``overrides`` (a recompute level: that level or a more frugal one)."""
+    if "recompute" in overrides:
+        level = getattr(args, "recompute", "none") if getattr(args, "kernels", "on") == "on" else "none"
+        return RECOMPUTE_LEVELS.index(level) >= RECOMPUTE_LEVELS.index(overrides["recompute"])
+    return all(getattr(args, key, None) == value for key, value in overrides.items())
+
+
 def fitting_alternatives(args: argparse.Namespace, device_type: str, configs: ModelConfigs, free: int) -> list[tuple[str, int]]:
     """(flags, planned total) of each memory-saving change the run does not use yet, then all of them
-    together; those that fit in ``free`` bytes, or the combination alone when none does."""
+    together (the most frugal recompute level among them); those that fit in ``free`` bytes, or the
+    combination alone when none does."""
     tried: list[tuple[str, int]] = []
     combined: dict[str, Any] = {}
-    combined_flags: list[str] = []
+    combined_flags: dict[str, str] = {}  # one entry per kind of change: a later recompute level replaces an earlier
     for flags, overrides in MEMORY_SAVING_FLAGS:
-        if all(getattr(args, key, None) == value for key, value in overrides.items()):
+        if _already_used(args, overrides):
             continue
         if "cache_text_embeddings" in overrides and args.train_text_encoder:
             continue  # caching text embeddings excludes training the encoders
@@ -437,10 +469,10 @@ def fitting_alternatives(args: argparse.Namespace, device_type: str, configs: Mo
         variant = argparse.Namespace(**{**vars(args), **overrides})
         tried.append((flags, make_plan(variant, device_type, configs).total))
         combined.update(overrides)
-        combined_flags.append(flags)
+        combined_flags[flags.split()[0]] = flags
     if len(combined_flags) > 1:
         variant = argparse.Namespace(**{**vars(args), **combined})
-        tried.append((" ".join(combined_flags), make_plan(variant, device_type, configs).total))
+        tried.append((" ".join(combined_flags.values()), make_plan(variant, device_type, configs).total))
     fitting = [(flags, total) for flags, total in tried if total <= free]
     return fitting or tried[-1:]
 

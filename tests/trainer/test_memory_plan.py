@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.memory_plan_accuracy import measure
 from trainer import memory_plan, sdxl_configs
-from trainer.args import parse_args
+from trainer.args import RECOMPUTE_LEVELS, parse_args
 from trainer.errors import InputError
 from trainer.sdxl_lora import cli
 
@@ -63,15 +63,34 @@ def test_memory_plan_flag_prints_the_plan_and_exits_0_without_writing(assets: ob
     assert not output_dir.exists()
 
 
-def test_memory_plan_with_a_bad_flag_fails_as_preflight_does(assets: object, capsys) -> None:
-    assert cli(["--memory_plan", "--resolution", "100"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --resolution 100") and "\n" not in err
+@pytest.mark.parametrize(
+    "flags",
+    [["--resolution", "100"], ["--train_text_encoder", "--cache_text_embeddings"], ["--pretrained_model_name_or_path", "/no/such/model"]],
+    ids=["parsing", "flag-rule", "model-folder"],
+)
+def test_memory_plan_with_a_bad_flag_fails_as_preflight_does(flags: list[str], tmp_path, capsys) -> None:
+    """Exit 2 and the same one line as the run without --memory_plan, before anything is planned or written."""
+    output_dir = tmp_path / "out"
+    assert cli([*flags, "--output_dir", str(output_dir)]) == 2
+    without_plan = capsys.readouterr().err.strip()
+    assert cli([*flags, "--output_dir", str(output_dir), "--memory_plan"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == without_plan and without_plan.startswith("error: ") and "\n" not in without_plan
+    assert "Memory plan" not in captured.out and not output_dir.exists()
+
+
+def test_each_recompute_level_lowers_the_planned_activations(assets: object) -> None:
+    """The levels change the traced step (the tracker installs no module hook, which would send the fused
+    layers down their unfused path), and the fits-or-stops list offers each of them."""
+    activations = [_item(_plan("--kernels", "on", "--recompute", level), "activations") for level in RECOMPUTE_LEVELS]
+    assert all(more_frugal < before for before, more_frugal in zip(activations, activations[1:])), activations
+    offered = [flags for flags, _ in memory_plan.MEMORY_SAVING_FLAGS]
+    assert all(f"--recompute {level}" in offered for level in RECOMPUTE_LEVELS[1:])
 
 
 def test_a_run_that_will_not_fit_stops_naming_the_flags_that_fit(assets: object) -> None:
     # Every memory-saving flag but one already given: the verdict has one alternative to plan.
-    flags = ["--recompute", "geglu_projection", "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
+    flags = ["--recompute", RECOMPUTE_LEVELS[-1], "--cache_latents", "--cache_text_embeddings", "--mixed_precision", "bf16"]
     args = parse_args(BASE + flags)
     plan = memory_plan.make_plan(args, "cuda")  # traced on the CPU here; CUDA's allocator slack included
     assert any("resident but idle" in name for name, _ in plan.items)  # caching: VAE and encoders stay, idle
