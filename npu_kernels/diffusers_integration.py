@@ -427,12 +427,17 @@ def optimize(
     * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
       ``geglu_approximate`` (``"none"``: erf GELU, diffusers' maths; ``"tanh"`` reproduces what stock
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
-    * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS` (``"none"`` by default): at
-      ``"geglu_projection"`` a ``GEGLU`` whose ``proj`` is a frozen ``nn.Linear`` keeps the projection's
-      input for the backward instead of its 8x wider output, and recomputes the projection there
-      (:func:`npu_kernels.geglu_projection`): a third less activation memory in SDXL's transformer
-      blocks for one more GEMM per feed-forward backward. ``recompute_geglu_projection=True`` is the
-      older name of that level;
+    * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS`, what the backward recomputes instead of
+      keeping; each level does what the one before does and more, with the same values and gradients
+      bit for bit. ``"none"`` (the default) only the cheap: LayerNorm outputs from the LayerNorm's own
+      saved input (``nn.LayerNorm`` modules get a forward that marks their output), the autocast copies
+      of the text states, cross-attention's key and value from the (at most 256) text tokens.
+      ``"geglu_projection"``: + the projection of every ``GEGLU`` whose ``proj`` is a frozen
+      ``nn.Linear`` (:func:`npu_kernels.geglu_projection`: its 8x wider output is not kept, one more
+      GEMM per feed-forward backward); ``recompute_geglu_projection=True`` is the older name of that
+      level. ``"attention_projections"``: + attention's query, key and value from their projections'
+      input. Inside gradient-checkpointed blocks the levels stand down (checkpointing reruns the
+      forward there anyway). The bytes each keeps: docs/training.md, "Recompute levels";
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
       they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
       every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
