@@ -280,7 +280,7 @@ def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callabl
 
     def geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = self.proj
-        if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj):
+        if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj) and not _recompute.standing_down():
             return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
         return geglu(proj(hidden_states), approximate)
 
