@@ -8,18 +8,21 @@ loading.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from npu_kernels import frozen_layers, peft_lora
-from npu_kernels.ops import cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu
+from npu_kernels.ops import _recompute, cross_attention, flash_attention, geglu, geglu_projection, group_norm_silu
 from npu_kernels.ops._attention import CROSS_ATTENTION_MAX_KV
+from npu_kernels.ops._build import needs_grad, tracing
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -43,7 +46,27 @@ def _cast_once_for_autocast(attn: Attention, states: torch.Tensor) -> torch.Tens
         return states
     if not all(type(m) is nn.Linear or peft_lora.patchable(m) for m in (attn.to_k, attn.to_v)):
         return states
-    return states.to(torch.get_autocast_dtype(device_type))
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = states.to(dtype)
+    if not tracing():  # every layer's copy is rebuilt from the one float32 tensor: the backward keeps that
+        _recompute.rebuildable(cast, _recompute.cast_to(dtype), states)
+    return cast
+
+
+def _replayable(module: nn.Module) -> bool:
+    """Calling ``module`` again reproduces its output exactly: a plain (frozen or not) ``nn.Linear``
+    or a LoRA layer on our fused path (no dropout, no variant), and no hooks."""
+    if peft_lora.has_hooks(module):
+        return False
+    return type(module) is nn.Linear or peft_lora.runs_plain_fast_path(module)
+
+
+def _rebuildable_projection(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, marked for the backward to recompute rather than keep where that is exact."""
+    out = module(x)
+    if torch.is_grad_enabled() and not tracing() and _replayable(module):
+        _recompute.rebuildable(out, module, x)
+    return out
 
 
 class FusedAttnProcessor:
@@ -55,10 +78,18 @@ class FusedAttnProcessor:
     does. Key/value sequences of at most 256 tokens (SDXL's 77 text tokens) go to
     :func:`npu_kernels.cross_attention`, longer ones to :func:`npu_kernels.flash_attention`.
 
+    ``recompute`` (one of :data:`RECOMPUTE_LEVELS`): at every level the backward recomputes
+    cross-attention's key and value from the (at most 256) text tokens instead of keeping them; from
+    ``"attention_projections"`` on it also recomputes the query, and self-attention's key and value,
+    from the projections' input.
+
     Example::
 
         unet.set_attn_processor(npu_kernels.FusedAttnProcessor())
     """
+
+    def __init__(self, recompute: str = "none") -> None:
+        self.recompute_projections = _level_at_least(resolve_recompute(recompute), "attention_projections")
 
     def __call__(
         self,
@@ -95,15 +126,25 @@ class FusedAttnProcessor:
             shared = peft_lora.shared_input_projections((attn.to_q, attn.to_k, attn.to_v), hidden_states)
         if shared is not None:
             query, key, value = shared
+            if self.recompute_projections and needs_grad(hidden_states):
+                _recompute.rebuildable(shared, functools.partial(_shared_projections, attn), hidden_states)
         else:
-            query = attn.to_q(hidden_states)
+            if self.recompute_projections:
+                query = _rebuildable_projection(attn.to_q, hidden_states)
+            else:
+                query = attn.to_q(hidden_states)
+            short_kv = encoder_hidden_states is not None and encoder_hidden_states.shape[1] <= CROSS_ATTENTION_MAX_KV
             if encoder_hidden_states is None:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             encoder_hidden_states = _cast_once_for_autocast(attn, encoder_hidden_states)
-            key = attn.to_k(encoder_hidden_states)
-            value = attn.to_v(encoder_hidden_states)
+            if short_kv or self.recompute_projections:  # a few text tokens: recomputing costs little
+                key = _rebuildable_projection(attn.to_k, encoder_hidden_states)
+                value = _rebuildable_projection(attn.to_v, encoder_hidden_states)
+            else:
+                key = attn.to_k(encoder_hidden_states)
+                value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -131,7 +172,22 @@ class FusedAttnProcessor:
         return hidden_states / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else hidden_states
 
 
+def _shared_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Self-attention's query, key and value as the forward computed them (the backward's recompute)."""
+    return peft_lora.shared_input_projections((attn.to_q, attn.to_k, attn.to_v), hidden_states)
+
+
 # ----------------------------------------------------------------------------- fused forwards
+def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``nn.LayerNorm.forward``, its output marked as rebuildable from its input: the LayerNorm keeps
+    its input for its own backward anyway, so the projections that read the output (attention's
+    LoRA layers, the feed-forward) need not keep a second copy."""
+    out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    if needs_grad(x) and not tracing():
+        _recompute.rebuildable(out, MethodType(nn.LayerNorm.forward, self), x)
+    return out
+
+
 def _attention_forward(
     self: Attention,
     hidden_states: torch.Tensor,
@@ -224,7 +280,7 @@ def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callabl
 
     def geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = self.proj
-        if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj):
+        if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj) and not _recompute.standing_down():
             return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
         return geglu(proj(hidden_states), approximate)
 
@@ -338,7 +394,11 @@ def _is_group_norm(module: nn.Module | None) -> bool:
 
 #: The recompute levels of :func:`optimize`, from keeping everything the fused ops need ("none", the
 #: default) to the most memory-frugal; each level recomputes what the levels before it do and more.
-RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "geglu_projection")
+RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "geglu_projection", "attention_projections")
+
+
+def _level_at_least(recompute: str, level: str) -> bool:
+    return RECOMPUTE_LEVELS.index(recompute) >= RECOMPUTE_LEVELS.index(level)
 
 
 def resolve_recompute(recompute: str = "none", recompute_geglu_projection: bool | None = None) -> str:
@@ -367,12 +427,17 @@ def optimize(
     * diffusers ``GEGLU`` feed-forwards run :func:`npu_kernels.geglu` after their projection, with
       ``geglu_approximate`` (``"none"``: erf GELU, diffusers' maths; ``"tanh"`` reproduces what stock
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
-    * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS` (``"none"`` by default): at
-      ``"geglu_projection"`` a ``GEGLU`` whose ``proj`` is a frozen ``nn.Linear`` keeps the projection's
-      input for the backward instead of its 8x wider output, and recomputes the projection there
-      (:func:`npu_kernels.geglu_projection`): a third less activation memory in SDXL's transformer
-      blocks for one more GEMM per feed-forward backward. ``recompute_geglu_projection=True`` is the
-      older name of that level;
+    * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS`, what the backward recomputes instead of
+      keeping; each level does what the one before does and more, with the same values and gradients
+      bit for bit. ``"none"`` (the default) only the cheap: LayerNorm outputs from the LayerNorm's own
+      saved input (``nn.LayerNorm`` modules get a forward that marks their output), the autocast copies
+      of the text states, cross-attention's key and value from the (at most 256) text tokens.
+      ``"geglu_projection"``: + the projection of every ``GEGLU`` whose ``proj`` is a frozen
+      ``nn.Linear`` (:func:`npu_kernels.geglu_projection`: its 8x wider output is not kept, one more
+      GEMM per feed-forward backward); ``recompute_geglu_projection=True`` is the older name of that
+      level. ``"attention_projections"``: + attention's query, key and value from their projections'
+      input. Inside gradient-checkpointed blocks the levels stand down (checkpointing reruns the
+      forward there anyway). The bytes each keeps: docs/training.md, "Recompute levels";
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
       they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
       every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
@@ -394,7 +459,7 @@ def optimize(
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
-    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_projection=recompute != "none")
+    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_projection=_level_at_least(recompute, "geglu_projection"))
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue
@@ -404,7 +469,7 @@ def optimize(
                 continue
             if type(processor) in _REPLACEABLE_PROCESSORS:
                 setattr(module, _PREVIOUS_PROCESSOR, processor)
-                module.set_processor(FusedAttnProcessor())
+                module.set_processor(FusedAttnProcessor(recompute))
                 if type(module).forward is Attention.forward:  # not a subclass with its own forward
                     module.forward = MethodType(_attention_forward, module)
                 report.attention_processors += 1
@@ -421,6 +486,8 @@ def optimize(
                 report.resnet_blocks += 1
             else:
                 report.skipped.append(f"{name}: ResnetBlock2D ({module.time_embedding_norm}, {type(module.nonlinearity).__name__})")
+        elif type(module) is nn.LayerNorm:
+            _patch(module, _layer_norm_forward)
         elif isinstance(module, GEGLU):
             _patch(module, geglu_forward)
             report.geglu += 1

@@ -136,7 +136,7 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _runs_plain_fast_path(module: nn.Module) -> bool:
+def runs_plain_fast_path(module: nn.Module) -> bool:
     """Our patched forward, and no hook that calling it directly would skip."""
     return getattr(module.__dict__.get("forward"), "__func__", None) is lora_forward and not has_hooks(module)
 
@@ -149,7 +149,7 @@ def shared_input_projections(modules: tuple[nn.Module, ...], x: torch.Tensor) ->
         return None
     layers = []
     for module in modules:
-        if not _runs_plain_fast_path(module) or (params := _fast_path_params(module, x)) is None:
+        if not runs_plain_fast_path(module) or (params := _fast_path_params(module, x)) is None:
             return None
         weight, bias, *_lora, magnitude = params
         if magnitude is not None or weight.requires_grad or (bias is not None and bias.requires_grad):

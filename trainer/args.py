@@ -42,7 +42,7 @@ from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
 EMBEDDED = "embedded"
 #: npu_kernels.RECOMPUTE_LEVELS, written out so that parsing flags does not import the kernels
 #: (tests/trainer/test_cli.py holds the two equal).
-RECOMPUTE_LEVELS = ("none", "geglu_projection")
+RECOMPUTE_LEVELS = ("none", "geglu_projection", "attention_projections")
 #: diffusers' --image_interpolation_mode choices: the names of torchvision's ``InterpolationMode`` in the
 #: order diffusers lists them (``dir()``), written out because torchvision is not a dependency here.
 IMAGE_INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
@@ -412,9 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=RECOMPUTE_LEVELS,
         help="(--kernels on) what the fused ops recompute in the backward instead of keeping it, from none (the"
-        " default) to the most memory-frugal level (npu_kernels.optimize(recompute=...)). geglu_projection: each"
-        " feed-forward GEGLU keeps its projection's input instead of its 8x wider output and recomputes the"
-        " projection, one more GEMM per feed-forward backward. Same values and gradients at every level.",
+        " default) to the most memory-frugal level (npu_kernels.optimize(recompute=...)); each level recomputes"
+        " what the one before does and more. none: only the cheap (LayerNorm outputs from their inputs, casts,"
+        " cross-attention key/value from the 77 text tokens). geglu_projection: + each feed-forward's projection"
+        " (its 8x wider output is not kept; one more GEMM per feed-forward backward). attention_projections: +"
+        " attention's query/key/value from the projections' input. Stands down inside --gradient_checkpointing"
+        " blocks. Same values and gradients at every level (docs/training.md).",
     )
     add(
         "--recompute_geglu_projection",

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from npu_kernels import backends, registry
+from npu_kernels.ops import _recompute
 from npu_kernels.registry import OpSpec
 
 Tensor = torch.Tensor
@@ -54,10 +55,13 @@ def autocast_operands(x: Tensor, *params: Tensor | None) -> tuple:
     if not torch.is_autocast_enabled(x.device.type):
         return (x, *params)
     dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(
+    cast = tuple(
         t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
         for t in (x, *params)
     )
+    if cast[0] is not x and not tracing() and _recompute.recipe_of(x) is not None:  # x's backward rebuilds it: its cast too
+        _recompute.rebuildable(cast[0], _recompute.cast_to(dtype), x)
+    return cast
 
 
 def _getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
@@ -127,16 +131,19 @@ class BuiltOp:
         return out if self.spec.finish is None else self.spec.finish(out, args, backend)
 
     def _save(self, ctx, args: tuple, outputs: tuple, saves: Callable, backend: str) -> None:
-        ctx.save_for_backward(*saves((*args, *outputs)))
+        # Tensors a recompute level marked as rebuildable are saved as their sources (ops/_recompute.py).
+        to_save, ctx.rebuild = _recompute.pack(saves((*args, *outputs)))
+        ctx.save_for_backward(*to_save)
         ctx.state, ctx.backend = self._state(args), backend
         if not self._single:  # the extra outputs (statistics, logsumexp) get no gradient
             ctx.mark_non_differentiable(*outputs[1:self._n_outputs])
             ctx.set_materialize_grads(False)  # so theirs is None, not a zeros tensor
 
     def _kernel_backward_args(self, ctx, grad_out: Tensor) -> tuple:
+        saved = _recompute.unpack(ctx.saved_tensors, ctx.rebuild)
         if self._reads_needs_input_grad:
-            return self._backward_args((grad_out, *ctx.saved_tensors, *ctx.state, ctx.needs_input_grad))
-        return self._backward_args((grad_out, *ctx.saved_tensors, *ctx.state))
+            return self._backward_args((grad_out, *saved, *ctx.state, ctx.needs_input_grad))
+        return self._backward_args((grad_out, *saved, *ctx.state))
 
     def _input_grads(self, grads) -> tuple:
         """The backward's gradients placed at their forward arguments (``None`` elsewhere)."""
@@ -251,6 +258,9 @@ class BuiltOp:
         backend = backends.select(spec.name, *tensors)
         fused = backends.provided(backend, spec.name)  # e.g. torch_npu's npu_fusion_attention, autograd included
         if fused is not None:
+            if _recompute.any_marked(tensors) and needs_grad(*tensors):
+                with _recompute.saving_sources():  # its own autograd saves: rebuildable inputs as their sources
+                    return fused(*args)
             return fused(*args)
         if spec.kernel_args is not None:
             args = spec.kernel_args(args)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from npu_kernels import backends
 from npu_kernels.backends import pytorch
+from npu_kernels.ops import _recompute
 from npu_kernels.ops._build import autocast_operands, build, needs_grad, tracing
 from npu_kernels.registry import GegluInputs, OpSpec
 
@@ -66,12 +67,13 @@ class _EagerGegluProjection(torch.autograd.Function):
         fused = backends.provided(ctx.backend, "geglu")  # e.g. torch_npu's npu_geglu (grad mode is off in here)
         out = fused(projection, approximate) if fused is not None else backends.kernel(ctx.backend, "geglu_forward")(projection, approximate)
         ctx.approximate = approximate
-        ctx.save_for_backward(x, weight, bias)
+        to_save, ctx.rebuild = _recompute.pack((x, weight, bias))  # x: a LayerNorm output is saved as its input
+        ctx.save_for_backward(*to_save)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias = _recompute.unpack(ctx.saved_tensors, ctx.rebuild)
         projection = F.linear(x, weight, bias)  # the forward's GEMM again
         grad_projection = backends.kernel(ctx.backend, "geglu_backward")(grad_out, projection, ctx.approximate)
         grad_x = torch.matmul(grad_projection, weight)

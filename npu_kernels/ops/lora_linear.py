@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from npu_kernels.backends.pytorch import _as_2d
+from npu_kernels.ops import _recompute
 from npu_kernels.ops._build import autocast_operands, build, needs_grad
 from npu_kernels.registry import LoraLinearInputs, OpSpec
 
@@ -148,12 +149,13 @@ class _EagerSharedInputLora(torch.autograd.Function):
         layers = [params[i : i + 4] for i in range(0, len(params), 4)]  # (weight, bias, lora_A, lora_B)
         outs, x2d, xa, stacked_A = _shared_input_forward(x, scales, layers)
         ctx.scales, ctx.x_shape, ctx.n = scales, x.shape, len(layers)
-        ctx.save_for_backward(x2d, xa, stacked_A, *[t for w, _b, A, B in layers for t in (w, A, B)])
+        to_save, ctx.rebuild = _recompute.pack((x2d, xa, stacked_A, *[t for w, _b, A, B in layers for t in (w, A, B)]))
+        ctx.save_for_backward(*to_save)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        x2d, xa, stacked_A, *saved = ctx.saved_tensors
+        x2d, xa, stacked_A, *saved = _recompute.unpack(ctx.saved_tensors, ctx.rebuild)
         layers = [saved[i : i + 3] for i in range(0, len(saved), 3)]  # (weight, lora_A, lora_B)
         scales = ctx.scales
         g2ds = [_as_2d(g) for g in grads]
