@@ -45,7 +45,10 @@ def _autocast_state(device_type: str) -> tuple:
 def standing_down() -> bool:
     """True inside gradient checkpointing: in a forward that ``torch.utils.checkpoint`` reruns in
     the backward (reentrant or not), or under its non-reentrant saving hooks (whose rerun must save
-    the same tensors as the first run)."""
+    the same tensors as the first run). Never while dynamo traces: the queries below are not traceable,
+    and a compiled graph's own checkpointing (or its memory planner) decides what is rerun."""
+    if torch.compiler.is_compiling():
+        return False
     if torch._C._current_graph_task_id() != -1:  # noqa: SLF001 - a forward running inside a backward
         return True
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)  # noqa: SLF001 - no public query
