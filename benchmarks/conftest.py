@@ -25,9 +25,8 @@ if not torch.cuda.is_available():
 
 
 # Smoke rows deselected from the test command (marked ``slow``), each with the faster test that checks
-# the same thing. The compiled rows these leave in CI: unet_step bf16-compiled-npu_kernels (the optimized
-# UNet captured whole under bf16 autocast) and trainer_step *-compiled-speed_features (``--compile`` with
-# the kernels and both caches, fp32 losses against default flags eager).
+# the same thing. The compiled row these leave in CI: unet_step bf16-compiled-npu_kernels (the optimized
+# UNet captured whole under bf16 autocast, which no test under tests/ compiles).
 SMOKE_DUPLICATES: dict[str, str] = {
     "test_bench_unet_step.py::test_unet_step[fp32-compiled-npu_kernels]":
         "tests/test_diffusers_integration.py::test_compiled_optimized_unet_matches_eager (output and every gradient)",
@@ -36,7 +35,11 @@ SMOKE_DUPLICATES: dict[str, str] = {
     "test_bench_trainer_step.py::test_trainer_step[fp32-compiled-default_flags]":
         "tests/trainer/test_compile.py (--compile, kernels on: every step's loss vs eager)",
     "test_bench_trainer_step.py::test_trainer_step[bf16-compiled-default_flags]":
-        "trainer_step[bf16-compiled-speed_features] (the same --compile path, kernels and caches on)",
+        "tests/trainer/test_compile.py (the same --compile path) and unet_step[bf16-compiled-npu_kernels]",
+    "test_bench_trainer_step.py::test_trainer_step[fp32-compiled-speed_features]":
+        "tests/trainer/test_compile.py (--compile, kernels on) and test_scale's caching tests (cached = uncached losses)",
+    "test_bench_trainer_step.py::test_trainer_step[bf16-compiled-speed_features]":
+        "tests/trainer/test_compile.py (--compile, kernels on) and unet_step[bf16-compiled-npu_kernels] (bf16 capture)",
 }
 
 

@@ -33,7 +33,7 @@ _PREVIOUS_PROCESSOR = "_npu_kernels_previous_processor"
 _REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
 
-def _cast_once_for_autocast(attn: Attention, states: torch.Tensor) -> torch.Tensor:
+def _cast_once_for_autocast(attn: Attention, states: torch.Tensor, rebuild: bool = False) -> torch.Tensor:
     """``states`` in the autocast dtype when to_k and to_v would each cast it there anyway.
 
     Under autocast, cross-attention's to_k and to_v (and PEFT's LoRA layers inside them) each cast
@@ -48,7 +48,7 @@ def _cast_once_for_autocast(attn: Attention, states: torch.Tensor) -> torch.Tens
         return states
     dtype = torch.get_autocast_dtype(device_type)
     cast = states.to(dtype)
-    if not tracing():  # every layer's copy is rebuilt from the one float32 tensor: the backward keeps that
+    if rebuild and not tracing():  # every layer's copy is rebuilt from the one float32 tensor: the backward keeps that
         _recompute.rebuildable(cast, _recompute.cast_to(dtype), states)
     return cast
 
@@ -89,7 +89,9 @@ class FusedAttnProcessor:
     """
 
     def __init__(self, recompute: str = "none") -> None:
-        self.recompute_projections = _level_at_least(resolve_recompute(recompute), "attention_projections")
+        level = resolve_recompute(recompute)
+        self.recompute_text = _level_at_least(level, "norms_and_text")
+        self.recompute_projections = _level_at_least(level, "attention_projections")
 
     def __call__(
         self,
@@ -138,8 +140,8 @@ class FusedAttnProcessor:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            encoder_hidden_states = _cast_once_for_autocast(attn, encoder_hidden_states)
-            if short_kv or self.recompute_projections:  # a few text tokens: recomputing costs little
+            encoder_hidden_states = _cast_once_for_autocast(attn, encoder_hidden_states, self.recompute_text)
+            if (short_kv and self.recompute_text) or self.recompute_projections:  # a few text tokens: recomputing costs little
                 key = _rebuildable_projection(attn.to_k, encoder_hidden_states)
                 value = _rebuildable_projection(attn.to_v, encoder_hidden_states)
             else:
@@ -394,7 +396,7 @@ def _is_group_norm(module: nn.Module | None) -> bool:
 
 #: The recompute levels of :func:`optimize`, from keeping everything the fused ops need ("none", the
 #: default) to the most memory-frugal; each level recomputes what the levels before it do and more.
-RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "geglu_projection", "attention_projections")
+RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "norms_and_text", "geglu_projection", "attention_projections")
 
 
 def _level_at_least(recompute: str, level: str) -> bool:
@@ -429,9 +431,11 @@ def optimize(
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
     * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS`, what the backward recomputes instead of
       keeping; each level does what the one before does and more, with the same values and gradients
-      bit for bit. ``"none"`` (the default) only the cheap: LayerNorm outputs from the LayerNorm's own
-      saved input (``nn.LayerNorm`` modules get a forward that marks their output), the autocast copies
-      of the text states, cross-attention's key and value from the (at most 256) text tokens.
+      bit for bit. ``"none"`` (the default) recomputes nothing. ``"norms_and_text"``: LayerNorm outputs
+      from the LayerNorm's own saved input (``nn.LayerNorm`` modules get a forward that marks their
+      output), the autocast copies of the text states, cross-attention's key and value from the (at
+      most 256) text tokens: no GEMM on SDXL's widths worth naming, but measurable on a host-bound step
+      (benchmarks/memory_curve.py), so not the default.
       ``"geglu_projection"``: + the projection of every ``GEGLU`` whose ``proj`` is a frozen
       ``nn.Linear`` (:func:`npu_kernels.geglu_projection`: its 8x wider output is not kept, one more
       GEMM per feed-forward backward); ``recompute_geglu_projection=True`` is the older name of that
@@ -486,7 +490,7 @@ def optimize(
                 report.resnet_blocks += 1
             else:
                 report.skipped.append(f"{name}: ResnetBlock2D ({module.time_embedding_norm}, {type(module.nonlinearity).__name__})")
-        elif type(module) is nn.LayerNorm:
+        elif type(module) is nn.LayerNorm and _level_at_least(recompute, "norms_and_text"):
             _patch(module, _layer_norm_forward)
         elif isinstance(module, GEGLU):
             _patch(module, geglu_forward)

@@ -544,8 +544,8 @@ def test_every_recompute_level_gives_stock_gradients_and_saves_less(stock_run, w
         reference.assert_as_accurate_as_stock(as_dict(default), as_dict(runs["stock"]), as_dict(exact))
     ordered = [kept[level] for level in ("stock", *npu_kernels.RECOMPUTE_LEVELS)]
     assert ordered == sorted(ordered, reverse=True) and len(set(ordered)) == len(ordered), kept
-    # The default's bound on this tiny UNet; benchmarks/test_bench_launch_counts.py holds the 0.55x target on its own.
-    assert kept["none"] <= 0.6 * kept["stock"], kept
+    # The first recompute level's bound on this tiny UNet; benchmarks/test_bench_launch_counts.py holds the 0.55x target.
+    assert kept["norms_and_text"] <= 0.6 * kept["stock"], kept
 
 
 def _aten_counts(fn) -> dict[str, int]:
