@@ -3,6 +3,7 @@ materialised in place, no download) or a tiny one of the same layout for the CI 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -93,3 +94,45 @@ def lora_training_step(
             torch.cuda.synchronize()
 
     return step
+
+
+@dataclass
+class LoraStepCalls:
+    """What the benchmarks time or count of one LoRA step of a UNet on fixed inputs."""
+
+    forward: Callable[[], torch.Tensor]  # the MSE loss, graph kept for a backward
+    forward_backward: Callable[[], None]  # forward + backward, gradients dropped
+    step: Callable[[], None]  # forward + backward + AdamW update
+    predict: Callable[[], torch.Tensor]  # the prediction without a graph, in fp32
+
+
+def lora_step_calls(unet: torch.nn.Module, inputs: dict, bf16: bool, device: torch.device) -> LoraStepCalls:
+    """The calls of one LoRA step of ``unet`` on ``inputs`` (bf16 autocast when asked) against a random
+    target, with an AdamW over its trainable parameters."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    target = torch.randn_like(inputs["sample"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def forward() -> torch.Tensor:
+        with autocast:
+            prediction = unet(**inputs).sample
+        return F.mse_loss(prediction.float(), target)
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return unet(**inputs).sample.float()
+
+    def forward_backward() -> None:
+        forward().backward()
+        for param in params:
+            param.grad = None
+
+    def step() -> None:
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return LoraStepCalls(forward, forward_backward, step, predict)

@@ -22,13 +22,12 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import benchmarks.test_bench_launch_counts as launch_counts  # the module, not its tests: nothing collected twice
 import npu_kernels
 from benchmarks.dispatch_counts import count_dispatches
 from benchmarks.memory import saved_bytes
-from benchmarks.models import TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from benchmarks.models import TINY_UNET_CONFIG, build_lora_unet, lora_step_calls, unet_inputs
 from tests import reference
 
 IMPLS = ("peft_dora", "npu_kernels")
@@ -54,33 +53,8 @@ def dora_step(request, bench_size, device):
     unet = build_lora_unet(config, device, launch_counts.PRECISIONS[precision], use_dora=True)
     _train_a_little(unet)
     inputs = unet_inputs(config, latent, device)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    target = torch.randn_like(inputs["sample"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def forward() -> torch.Tensor:
-        with autocast:
-            prediction = unet(**inputs).sample
-        return F.mse_loss(prediction.float(), target)
-
-    def predict() -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            return unet(**inputs).sample.float()
-
-    def forward_backward() -> None:
-        forward().backward()
-        for param in params:
-            param.grad = None
-
-    def step() -> None:
-        forward().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    yield precision, unet, inputs, forward, forward_backward, step, predict
+    calls = lora_step_calls(unet, inputs, precision == "bf16", device)
+    yield precision, unet, inputs, calls.forward, calls.forward_backward, calls.step, calls.predict
     npu_kernels.restore(unet)
     gc.collect()
 

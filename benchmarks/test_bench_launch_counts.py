@@ -30,12 +30,11 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import npu_kernels
 from benchmarks.dispatch_counts import count_dispatches
 from benchmarks.memory import saved_bytes
-from benchmarks.models import POOLED_DIM, SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, unet_inputs
+from benchmarks.models import POOLED_DIM, SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, lora_step_calls, unet_inputs
 from tests import reference
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,35 +61,9 @@ def lora_step(request, bench_size, device):
     latent = 32 if bench_size == "full" else 16
     unet = build_lora_unet(config, device, PRECISIONS[precision])
     inputs = unet_inputs(config, latent, device)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    target = torch.randn_like(inputs["sample"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def forward() -> torch.Tensor:
-        with autocast:
-            prediction = unet(**inputs).sample
-        return F.mse_loss(prediction.float(), target)
-
-    def predict() -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            return unet(**inputs).sample.float()
-
-    predict.inputs = inputs  # what the bf16 row's fp32 reference runs on
-
-    def forward_backward() -> None:
-        forward().backward()
-        for param in params:
-            param.grad = None
-
-    def step() -> None:
-        forward().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    yield precision, unet, forward, forward_backward, step, predict
+    calls = lora_step_calls(unet, inputs, precision == "bf16", device)
+    calls.predict.inputs = inputs  # what the bf16 row's fp32 reference runs on
+    yield precision, unet, calls.forward, calls.forward_backward, calls.step, calls.predict
     npu_kernels.restore(unet)
     gc.collect()
 
