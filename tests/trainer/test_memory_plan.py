@@ -83,7 +83,10 @@ def test_each_recompute_level_lowers_the_planned_activations(assets: object) -> 
     """The levels change the traced step (the tracker installs no module hook, which would send the fused
     layers down their unfused path), and the fits-or-stops list offers each of them."""
     activations = [_item(_plan("--kernels", "on", "--recompute", level), "activations") for level in RECOMPUTE_LEVELS]
-    assert all(more_frugal < before for before, more_frugal in zip(activations, activations[1:])), activations
+    # Every level plans less than none and each its own peak; the peak need not fall level after level: a
+    # level's recompute runs in the backward, and its temporaries can set the peak of a small model.
+    assert all(level < activations[0] for level in activations[1:]), activations
+    assert len(set(activations)) == len(activations), activations
     offered = [flags for flags, _ in memory_plan.MEMORY_SAVING_FLAGS]
     assert all(f"--recompute {level}" in offered for level in RECOMPUTE_LEVELS[1:])
 
