@@ -3,6 +3,8 @@ materialised in place, no download) or a tiny one of the same layout for the CI 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,3 +138,24 @@ def lora_step_calls(unet: torch.nn.Module, inputs: dict, bf16: bool, device: tor
             torch.cuda.synchronize()
 
     return LoraStepCalls(forward, forward_backward, step, predict)
+
+
+def interleaved_step_medians(
+    benchmark, impls: tuple[str, ...] | list[str], set_impl: Callable[[str], None], step: Callable[[], None], rounds: int
+) -> dict[str, float]:
+    """Median step seconds of each implementation, ``rounds`` rounds through all of them in turn on one model
+    (after one warm-up round that also creates the optimizer's state), timed by pytest-benchmark's pedantic."""
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+
+    def interleaved_round() -> None:
+        for impl in impls:
+            set_impl(impl)
+            start = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - start)
+
+    interleaved_round()
+    for values in times.values():
+        values.clear()
+    benchmark.pedantic(interleaved_round, rounds=rounds, warmup_rounds=0)
+    return {impl: statistics.median(values) for impl, values in times.items()}

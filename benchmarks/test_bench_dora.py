@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
-import time
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ import benchmarks.test_bench_launch_counts as launch_counts  # the module, not i
 import npu_kernels
 from benchmarks.dispatch_counts import count_dispatches
 from benchmarks.memory import saved_bytes
-from benchmarks.models import TINY_UNET_CONFIG, build_lora_unet, lora_step_calls, unet_inputs
+from benchmarks.models import TINY_UNET_CONFIG, build_lora_unet, interleaved_step_medians, lora_step_calls, unet_inputs
 from tests import reference
 
 IMPLS = ("peft_dora", "npu_kernels")
@@ -100,21 +98,9 @@ def test_dora_launch_counts(benchmark, dora_step, bench_size, bench_rounds, devi
     peft, ours = measured["peft_dora"], measured["npu_kernels"]
     ratios = {f"{key}_ratio": ours[key] / peft[key] for key in ("dispatched", "launching", "saved_bytes")}
 
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-
-    def interleaved_round() -> None:
-        for impl in IMPLS:
-            _set_impl(unet, impl)
-            start = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - start)
-
-    interleaved_round()  # warm up the optimizer state of both
-    times = {impl: [] for impl in IMPLS}
     rounds = bench_rounds or (5 if bench_size == "full" else 1)
     benchmark.group = f"dora_launch_counts {precision} {bench_size}"
-    benchmark.pedantic(interleaved_round, rounds=rounds, warmup_rounds=0)
-    step_s = {impl: statistics.median(values) for impl, values in times.items()}
+    step_s = interleaved_step_medians(benchmark, IMPLS, lambda impl: _set_impl(unet, impl), step, rounds)
     ratios["step_speedup"] = step_s["peft_dora"] / step_s["npu_kernels"]
 
     benchmark.extra_info.update(

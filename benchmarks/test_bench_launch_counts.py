@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
-import time
 
 import pytest
 import torch
@@ -34,7 +32,15 @@ import torch
 import npu_kernels
 from benchmarks.dispatch_counts import count_dispatches
 from benchmarks.memory import saved_bytes
-from benchmarks.models import POOLED_DIM, SDXL_UNET_CONFIG, TINY_UNET_CONFIG, build_lora_unet, lora_step_calls, unet_inputs
+from benchmarks.models import (
+    POOLED_DIM,
+    SDXL_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    build_lora_unet,
+    interleaved_step_medians,
+    lora_step_calls,
+    unet_inputs,
+)
 from tests import reference
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -122,21 +128,9 @@ def test_launch_counts(benchmark, lora_step, bench_size, bench_rounds, device):
     }
 
     # Step time: stock and every level, rounds interleaved on the same model.
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-
-    def interleaved_round() -> None:
-        for impl in IMPLS:
-            _set_impl(unet, impl)
-            start = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - start)
-
-    interleaved_round()  # warm up the optimizer state of every column
-    times = {impl: [] for impl in IMPLS}
     rounds = bench_rounds or (9 if bench_size == "full" else 1)
     benchmark.group = f"launch_counts {precision} {bench_size}"
-    benchmark.pedantic(interleaved_round, rounds=rounds, warmup_rounds=0)
-    step_s = {impl: statistics.median(values) for impl, values in times.items()}
+    step_s = interleaved_step_medians(benchmark, list(IMPLS), lambda impl: _set_impl(unet, impl), step, rounds)
     for impl in IMPLS:
         measured[impl]["step_s"] = step_s[impl]
         measured[impl]["speed_vs_stock"] = step_s["stock"] / step_s[impl]
