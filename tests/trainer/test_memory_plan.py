@@ -17,6 +17,16 @@ from trainer.sdxl_lora import cli
 BASE = ["--resolution", "128", "--train_batch_size", "2"]
 
 
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub requests: huggingface_hub reads HF_HUB_OFFLINE once, at import (earlier tests imported it), so
+    the constant is patched too; without it an unknown hub id retries the network for tens of seconds."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -125,8 +135,7 @@ def test_when_nothing_fits_the_message_says_what_all_flags_together_would_need()
     )
 
 
-def test_sdxl_hub_names_plan_from_the_built_in_configs(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_sdxl_hub_names_plan_from_the_built_in_configs(offline: None) -> None:
     args = parse_args(["--pretrained_model_name_or_path", sdxl_configs.SDXL_BASE, "--dataset_name", "embedded",
                        "--vae_name", sdxl_configs.SDXL_VAE_FP16_FIX])  # fmt: skip
     configs = memory_plan.model_configs(args)
@@ -135,8 +144,7 @@ def test_sdxl_hub_names_plan_from_the_built_in_configs(monkeypatch) -> None:
     assert configs.vae["block_out_channels"] == (128, 256, 512, 512)
 
 
-def test_an_unknown_model_without_configs_warns_and_trains_but_memory_plan_fails(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_an_unknown_model_without_configs_warns_and_trains_but_memory_plan_fails(offline: None) -> None:
     args = parse_args(["--pretrained_model_name_or_path", "someone/unknown-sdxl", "--dataset_name", "embedded"])
     assert memory_plan.check(args, "cuda", free_memory=lambda device, rank: 1) is False
     args.memory_plan = True
