@@ -21,10 +21,10 @@ Per point:
   checkpoint keeps its blocks' inputs itself);
 * **step time**: the median of interleaved rounds (each round runs every point once, starting one point later
   than the round before, so that load on the machine hits all alike), and its ratio to stock's;
-* **LoRA gradients** of the first step, from the same weights and inputs, against stock's: per element within
-  ``tests/reference.py``'s tolerance in fp32; in bf16 (frozen weights bf16, autocast) no worse than stock's own
-  against an fp32 run of the same weights (``assert_as_accurate_as_stock``). A point that fails stops the run:
-  no point is fast because it is wrong.
+* **LoRA gradients** of the first step, from the same weights and inputs: no further from a more exact run of
+  the same weights (float64 for an fp32 step; fp32 for bf16: frozen weights bf16, autocast) than stock's own
+  (``assert_as_accurate_as_stock``), and whether they equal stock's bit for bit. A point that fails stops the
+  run: no point is fast because it is wrong.
 
 The picture plots step time against activation memory, both as ratios to stock, with the straight line through
 stock and stock+ckpt: a point below that line buys its memory saving for less time than checkpointing would.
@@ -62,7 +62,7 @@ import npu_kernels
 from benchmarks.memory import SavedTensorBytes
 from benchmarks.models import TINY_UNET_CONFIG, build_lora_unet, unet_inputs
 from benchmarks.test_bench_launch_counts import NARROW_SDXL_UNET_CONFIG
-from tests.reference import assert_as_accurate_as_stock, assert_close
+from tests.reference import assert_as_accurate_as_stock
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: size -> (UNet config, latent size): the launch-count benchmark's full and smoke models.
@@ -124,7 +124,7 @@ class LoraStep:
     def loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             prediction = self.unet(**self.inputs).sample
-        return F.mse_loss(prediction.float(), self.target)
+        return F.mse_loss(prediction.to(self.target.dtype), self.target)
 
     def step(self) -> None:
         loss = self.loss()
@@ -160,26 +160,28 @@ def build_step(size: str, precision: str, device: torch.device) -> LoraStep:
 
 # ----------------------------------------------------------------------------- correctness
 def check_gradients(step: LoraStep, points: list[CurvePoint]) -> dict[str, bool]:
-    """Assert every point's LoRA gradients agree with stock's (see the module doc); per point, whether they
-    are bitwise equal. Runs from the step's current weights, before any update."""
+    """Assert every point's LoRA gradients are as accurate as stock's (see the module doc); per point, whether
+    they are bitwise equal to stock's. Runs from the step's current weights, before any update.
+
+    Each point is judged against a more exact run of the same weights (fp32 for a bf16 step, float64 for an
+    fp32 one) by stock's own error there (``assert_as_accurate_as_stock``): two fp32 runs of a deep UNet
+    that only sum in another order differ by their rounding, which an op-level tolerance against stock
+    alone mistakes for an error on some CPUs (seen on an AMD EPYC, passing on an Intel Xeon)."""
     apply_point(step.unet, CurvePoint(None))
     stock = step.lora_gradients()
     assert all(grad.abs().max() > 0 for grad in stock.values()), "a LoRA gradient is all zeros: nothing to compare"
-    exact = None
-    if step.bf16:  # the same (bf16-rounded) weights in fp32, no autocast: what both bf16 runs approximate
-        unet = copy.deepcopy(step.unet).float()
-        exact = LoraStep(unet, step.inputs, step.target, bf16=False, device=step.device).lora_gradients()
-        del unet
+    exact_dtype = torch.float32 if step.bf16 else torch.float64
+    unet = copy.deepcopy(step.unet).to(exact_dtype)
+    inputs = {key: value.to(exact_dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+              for key, value in step.inputs.items()}
+    exact = LoraStep(unet, inputs, step.target.to(exact_dtype), bf16=False, device=step.device).lora_gradients()
+    del unet
     bitwise = {}
     for point in points:
         apply_point(step.unet, point)
         grads = step.lora_gradients()
         bitwise[point.name] = all(torch.equal(grads[name], stock[name]) for name in stock)
-        if exact is None:
-            for name in stock:
-                assert_close(grads[name], stock[name], what=f"{point.name} {name} vs stock")
-        else:
-            assert_as_accurate_as_stock(grads, stock, exact)
+        assert_as_accurate_as_stock(grads, stock, exact)
     return bitwise
 
 
@@ -302,7 +304,7 @@ def format_table(curve: dict[str, Any]) -> str:
     ]
     for row in curve["points"]:
         line = row.get("time_ratio_on_line")
-        grads = "bitwise" if row["gradients_bitwise_equal_to_stock"] else "within tolerance"
+        grads = "bitwise" if row["gradients_bitwise_equal_to_stock"] else "as accurate as stock"
         lines.append(
             f"| {row['name']} | {row['peak_bytes'] / mib:.2f} | {row['memory_ratio']:.3f} | {row['forward_end_bytes'] / mib:.2f} "
             f"| {row['saved_bytes'] / mib:.2f} | {row['saved_bytes_ratio']:.3f} | {row['step_s']:.4f} | {row['time_ratio']:.3f} "

@@ -143,7 +143,8 @@ def _relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def assert_as_accurate_as_stock(ours: dict, stock: dict, exact: dict) -> None:
-    """bf16 runs, judged against the fp32 run ``exact`` by stock's own bf16 error (tensor name -> tensor):
+    """Two low-precision runs (bf16; or fp32, deep enough that summation order shows), judged against a more
+    exact run ``exact`` (fp32; float64) by stock's own error there (tensor name -> tensor):
 
     * per element: ``|ours - exact| <= |stock - exact| + 16·RMS(stock - exact)``: no element may be
       off by much more than stock's typical rounding error of that tensor (bf16 errors are
