@@ -166,7 +166,7 @@ def check_gradients(step: LoraStep, points: list[CurvePoint]) -> dict[str, bool]
     Each point is judged against a more exact run of the same weights (fp32 for a bf16 step, float64 for an
     fp32 one) by stock's own error there (``assert_as_accurate_as_stock``): two fp32 runs of a deep UNet
     that only sum in another order differ by their rounding, which an op-level tolerance against stock
-    alone mistakes for an error on some CPUs (seen on an AMD EPYC, passing on an Intel Xeon)."""
+    alone mistakes for an error on CPUs whose GEMMs sum in another order."""
     apply_point(step.unet, CurvePoint(None))
     stock = step.lora_gradients()
     assert all(grad.abs().max() > 0 for grad in stock.values()), "a LoRA gradient is all zeros: nothing to compare"
