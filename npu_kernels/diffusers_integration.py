@@ -272,18 +272,21 @@ class _SiluFusedIntoNorm(nn.Module):
         return x  # the SiLU already ran inside the fused GroupNorm before it
 
 
-def _geglu_forward_with(approximate: str, recompute_projection: bool) -> Callable:
-    """``GEGLU.forward`` with :func:`npu_kernels.geglu` and these options.
+def _geglu_forward_with(approximate: str, recompute: str) -> Callable:
+    """``GEGLU.forward`` with :func:`npu_kernels.geglu`, ``approximate`` and recompute level ``recompute``.
 
     A plain function closing over the options, not a ``functools.partial``: bound as the module's
     forward it is a method dynamo inlines on every torch we accept (newer dynamo reads the bound
     function's ``__name__``, which a partial lacks; ``tests/test_versions.py`` checks).
     """
 
+    recompute_projection = _level_at_least(recompute, "half_geglu_projection")
+    keep_gate = not _level_at_least(recompute, "geglu_projection")
+
     def geglu_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = self.proj
         if recompute_projection and type(proj) is nn.Linear and not peft_lora.has_hooks(proj) and not _recompute.standing_down():
-            return geglu_projection(hidden_states, proj.weight, proj.bias, approximate)
+            return geglu_projection(hidden_states, proj.weight, proj.bias, approximate, keep_gate=keep_gate)
         return geglu(proj(hidden_states), approximate)
 
     return geglu_forward
@@ -396,7 +399,9 @@ def _is_group_norm(module: nn.Module | None) -> bool:
 
 #: The recompute levels of :func:`optimize`, from keeping everything the fused ops need ("none", the
 #: default) to the most memory-frugal; each level recomputes what the levels before it do and more.
-RECOMPUTE_LEVELS: tuple[str, ...] = ("none", "norms_and_text", "geglu_projection", "attention_projections")
+RECOMPUTE_LEVELS: tuple[str, ...] = (
+    "none", "norms_and_text", "half_geglu_projection", "geglu_projection", "attention_projections"
+)
 
 
 def _level_at_least(recompute: str, level: str) -> bool:
@@ -436,10 +441,12 @@ def optimize(
       output), the autocast copies of the text states, cross-attention's key and value from the (at
       most 256) text tokens: no GEMM on SDXL's widths worth naming, but measurable on a host-bound step
       (benchmarks/memory_curve.py), so not the default.
-      ``"geglu_projection"``: + the projection of every ``GEGLU`` whose ``proj`` is a frozen
-      ``nn.Linear`` (:func:`npu_kernels.geglu_projection`: its 8x wider output is not kept, one more
-      GEMM per feed-forward backward); ``recompute_geglu_projection=True`` is the older name of that
-      level. ``"attention_projections"``: + attention's query, key and value from their projections'
+      ``"half_geglu_projection"``: + the hidden half of the projection of every ``GEGLU`` whose
+      ``proj`` is a frozen ``nn.Linear`` (:func:`npu_kernels.geglu_projection` with ``keep_gate``:
+      the gate half, 4x the model width, is kept; half a projection GEMM more per feed-forward
+      backward). ``"geglu_projection"``: the whole projection (its 8x wider output is not kept, one
+      more GEMM per feed-forward backward); ``recompute_geglu_projection=True`` is the older name of
+      that level. ``"attention_projections"``: + attention's query, key and value from their projections'
       input. Inside gradient-checkpointed blocks the levels stand down (checkpointing reruns the
       forward there anyway). The bytes each keeps: docs/training.md, "Recompute levels";
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
@@ -463,7 +470,7 @@ def optimize(
     if geglu_approximate not in ("none", "tanh"):
         raise ValueError(f"optimize: geglu_approximate must be 'none' or 'tanh', got {geglu_approximate!r}")
     report = OptimizeReport()
-    geglu_forward = _geglu_forward_with(geglu_approximate, recompute_projection=_level_at_least(recompute, "geglu_projection"))
+    geglu_forward = _geglu_forward_with(geglu_approximate, recompute)
     for name, module in model.named_modules():
         if getattr(module, _FUSED_TAG, False):
             continue

@@ -42,7 +42,7 @@ from trainer.guards import DEFAULT_MAX_NONFINITE_STEPS
 EMBEDDED = "embedded"
 #: npu_kernels.RECOMPUTE_LEVELS, written out so that parsing flags does not import the kernels
 #: (tests/trainer/test_cli.py holds the two equal).
-RECOMPUTE_LEVELS = ("none", "norms_and_text", "geglu_projection", "attention_projections")
+RECOMPUTE_LEVELS = ("none", "norms_and_text", "half_geglu_projection", "geglu_projection", "attention_projections")
 #: diffusers' --image_interpolation_mode choices: the names of torchvision's ``InterpolationMode`` in the
 #: order diffusers lists them (``dir()``), written out because torchvision is not a dependency here.
 IMAGE_INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="(--kernels on) what the fused ops recompute in the backward instead of keeping it, from none (the"
         " default) to the most memory-frugal level (npu_kernels.optimize(recompute=...)); each level recomputes"
         " what the one before does and more. none: nothing. norms_and_text: LayerNorm outputs from their inputs,"
-        " the text states' casts, cross-attention key/value from the 77 text tokens. geglu_projection: + each feed-forward's projection"
+        " the text states' casts, cross-attention key/value from the 77 text tokens. half_geglu_projection: + the hidden half of"
+        " each feed-forward's projection (half a GEMM more per feed-forward backward). geglu_projection: the whole projection"
         " (its 8x wider output is not kept; one more GEMM per feed-forward backward). attention_projections: +"
         " attention's query/key/value from the projections' input. Stands down inside --gradient_checkpointing"
         " blocks. Same values and gradients at every level (docs/training.md).",

@@ -55,11 +55,13 @@ class _EagerGegluProjection(torch.autograd.Function):
 
     The projection output is 2·inner wide (8x the model width in diffusers' FeedForward): the
     largest activation of a transformer block. The backward recomputes it with the same GEMM on the
-    same (autocast-cast) operands, so the values match the saving path exactly.
+    same (autocast-cast) operands, so the values match the saving path exactly. With ``keep_gate``
+    the gate half is kept (a copy, so that the whole projection is freed) and only the hidden half
+    is recomputed: half the saving for half the GEMM.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, approximate: str):
+    def forward(ctx, x, weight, bias, approximate: str, keep_gate: bool):
         ctx.input_dtype = x.dtype
         x, weight, bias = autocast_operands(x, weight, bias)
         projection = F.linear(x, weight, bias)
@@ -67,22 +69,33 @@ class _EagerGegluProjection(torch.autograd.Function):
         fused = backends.provided(ctx.backend, "geglu")  # e.g. torch_npu's npu_geglu (grad mode is off in here)
         out = fused(projection, approximate) if fused is not None else backends.kernel(ctx.backend, "geglu_forward")(projection, approximate)
         ctx.approximate = approximate
+        # clone, not contiguous(): a view that counts as contiguous (one row) would keep the whole projection
+        gate = projection[..., projection.shape[-1] // 2:].clone(memory_format=torch.contiguous_format) if keep_gate else None
         to_save, ctx.rebuild = _recompute.pack((x, weight, bias))  # x: a LayerNorm output is saved as its input
-        ctx.save_for_backward(*to_save)
+        ctx.save_for_backward(*to_save, gate)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = _recompute.unpack(ctx.saved_tensors, ctx.rebuild)
-        projection = F.linear(x, weight, bias)  # the forward's GEMM again
+        *saved, gate = ctx.saved_tensors
+        x, weight, bias = _recompute.unpack(tuple(saved), ctx.rebuild)
+        if gate is None:
+            projection = F.linear(x, weight, bias)  # the forward's GEMM again
+        else:  # the hidden half's rows of the same GEMM (the same values on the backends we test: tests/ops/test_geglu.py)
+            hidden = gate.shape[-1]
+            projection = torch.cat((F.linear(x, weight[:hidden], None if bias is None else bias[:hidden]), gate), dim=-1)
         grad_projection = backends.kernel(ctx.backend, "geglu_backward")(grad_out, projection, ctx.approximate)
         grad_x = torch.matmul(grad_projection, weight)
-        return (grad_x if grad_x.dtype == ctx.input_dtype else grad_x.to(ctx.input_dtype)), None, None, None
+        return (grad_x if grad_x.dtype == ctx.input_dtype else grad_x.to(ctx.input_dtype)), None, None, None, None
 
 
-def geglu_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
+def geglu_projection(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none", keep_gate: bool = False
+) -> Tensor:
     """``geglu(F.linear(x, weight, bias), approximate)`` that keeps ``x`` for the backward instead of
     the projection output, and recomputes the projection there (one more GEMM per backward).
+    With ``keep_gate`` it keeps the gate half too and recomputes only the hidden half (half the
+    bytes saved, half the extra GEMM).
 
     For diffusers' ``GEGLU`` with a frozen ``proj`` (LoRA training): its output, ``[..., 2·inner]``,
     is the largest tensor a transformer block saves; ``x`` is 8x narrower in SDXL. Where the
@@ -93,6 +106,7 @@ def geglu_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None, appr
         x: ``[..., in]``.
         weight: ``[2·H, in]``; bias: ``[2·H]`` or ``None``.
         approximate: ``"none"`` (erf GELU, diffusers) or ``"tanh"``.
+        keep_gate: keep the gate half ``[..., H]`` and recompute only ``x @ weight[:H]ᵀ``.
 
     Returns:
         ``[..., H]``.
@@ -106,4 +120,4 @@ def geglu_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None, appr
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     if tracing() or not frozen or not needs_grad(x):
         return geglu(F.linear(x, weight, bias), approximate)
-    return _EagerGegluProjection.apply(x, weight, bias, approximate)
+    return _EagerGegluProjection.apply(x, weight, bias, approximate, keep_gate)

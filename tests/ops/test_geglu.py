@@ -122,23 +122,27 @@ def test_sdxl_sized_geglu_on_triton(dtype):
 
 
 # ------------------------------------------------------------------- with its frozen projection
+@pytest.mark.parametrize("keep_gate", [False, True], ids=["whole", "keep_gate"])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 7, 5), (9, 16)], ids=str)
 @pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
-def test_geglu_projection_matches_reference(backend, dtype, shape):
-    """x -> geglu(x Wᵀ + b) with W, b frozen: forward and grad x vs float64, saving x only."""
+def test_geglu_projection_matches_reference(backend, dtype, shape, keep_gate):
+    """x -> geglu(x Wᵀ + b) with W, b frozen: forward and grad x vs float64, saving x (and with
+    keep_gate the gate half) only, never the 2H-wide projection."""
     dev = device(backend)
     hidden = 6
     weight = randn(2 * hidden, shape[-1], dtype=dtype, device=dev).detach()
     bias = randn(2 * hidden, dtype=dtype, device=dev).detach()
     x = randn(*shape, dtype=dtype, device=dev)
     reference.check_against_reference(
-        lambda t: npu_kernels.geglu_projection(t, weight, bias),
+        lambda t: npu_kernels.geglu_projection(t, weight, bias, keep_gate=keep_gate),
         lambda t: reference.geglu(torch.nn.functional.linear(t, weight.double(), bias.double()), "none"),
-        [x], dtype, f"geglu_projection[{backend}]",
+        [x], dtype, f"geglu_projection[{backend}] keep_gate={keep_gate}",
     )
-    out = npu_kernels.geglu_projection(x, weight, bias)
-    saved = out.grad_fn.saved_tensors
-    assert saved[0].shape == x.shape and all(t is weight or t is bias or t.shape != (*shape[:-1], 2 * hidden) for t in saved)
+    out = npu_kernels.geglu_projection(x, weight, bias, keep_gate=keep_gate)
+    activations = [t for t in out.grad_fn.saved_tensors if t is not None and t is not weight and t is not bias]
+    expected = [x.shape, (*shape[:-1], hidden)] if keep_gate else [x.shape]
+    assert [t.shape for t in activations] == expected
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in activations[1:])  # no view of the projection
 
 
 @pytest.mark.parametrize("backend,dtype", cases(), indirect=["backend"])
@@ -156,14 +160,16 @@ def test_geglu_projection_tanh_on_a_non_contiguous_input(backend, dtype):
     )
 
 
-def test_geglu_projection_equals_the_saving_path_exactly():
-    """Recomputing the projection gives bitwise the gradients of geglu(F.linear(...)), fp32 and bf16 autocast."""
+@pytest.mark.parametrize("keep_gate", [False, True], ids=["whole", "keep_gate"])
+def test_geglu_projection_equals_the_saving_path_exactly(keep_gate):
+    """Recomputing the projection (or its hidden half: the same GEMM's rows) gives bitwise the
+    gradients of geglu(F.linear(...)), fp32 and bf16 autocast."""
     weight, bias = torch.randn(2 * 24, 16), torch.randn(2 * 24)
     x = randn(3, 11, 16, dtype=torch.float32)
     grad = torch.randn(3, 11, 24)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            ours = npu_kernels.geglu_projection(x, weight, bias)
+            ours = npu_kernels.geglu_projection(x, weight, bias, keep_gate=keep_gate)
             plain = npu_kernels.geglu(torch.nn.functional.linear(x, weight, bias))
         (grad_ours,) = torch.autograd.grad(ours, x, grad.to(ours.dtype))
         (grad_plain,) = torch.autograd.grad(plain, x, grad.to(plain.dtype))
