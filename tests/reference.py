@@ -144,34 +144,50 @@ def _relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 
 def assert_as_accurate_as_stock(ours: dict, stock: dict, exact: dict) -> None:
     """Two low-precision runs (bf16; or fp32, deep enough that summation order shows), judged against a more
-    exact run ``exact`` (fp32; float64) by stock's own error there (tensor name -> tensor):
+    exact run ``exact`` (fp32; float64) by stock's own error there (tensor name -> tensor). Tensors are
+    grouped (lora_A, lora_B, the rest); ``r`` is stock's pooled relative error over the tensor's group:
 
-    * per element: ``|ours - exact| <= |stock - exact| + 16·RMS(stock - exact)``: no element may be
-      off by much more than stock's typical rounding error of that tensor (bf16 errors are
-      heavy-tailed: the worst element of a correct run reached ~11x that RMS);
-    * per tensor: a relative error at most 4x stock's + 1e-2 (a whole layer off);
-    * per group of tensors (lora_A, lora_B, the rest): the pooled relative error at most 1.25x stock's
-      + 4e-3, as tests/test_cuda.py bounds each tensor on a GPU; pooled, the per-tensor chance that
-      either run rounds luckier averages out (measured: ours 0.98x-1.11x stock's, a 10% error in every
-      lora_A gradient 2.4x).
+    * per group: ours' pooled relative error at most 1.25x stock's + 4e-3, as tests/test_cuda.py bounds each
+      tensor on a GPU; pooled, the per-tensor chance that either run rounds luckier averages out (measured:
+      ours 0.98x-1.11x stock's, a 10% error in every lora_A gradient 2.4x);
+    * per tensor: a relative error at most 4x stock's, or 4x ``r`` where stock's was luckier than its group's,
+      + 1e-2 (a whole layer off);
+    * per element: ``|ours - exact| <= |stock - exact| + 16·RMS(stock - exact) + 4·r·|exact|``: no element may be
+      off by much more than stock's typical rounding error of that tensor (bf16 errors are heavy-tailed: the
+      worst element of a correct run reached ~11x that RMS), nor by much more than the group's typical
+      relative error of its own size.
+
+    Why the group's error: a LoRA gradient's error is mostly the error of the gradient flowing into the layer,
+    one factor per rank row, so a row's elements are off together; across a UNet's 1120 LoRA tensors in bf16 the
+    unluckiest row of one run is some 10% off while the other run's is 1% (measured both ways round on an AMD
+    EPYC: 60x and 19x stock's per-tensor error RMS), and judging one tensor by the other run's luck alone
+    fails a correct run. A layer whose gradient is wrong (scaled, zeroed) is still off by far more than 4x
+    its group's error, and a systematic error shows in the pooled bound.
     """
     assert ours.keys() == stock.keys() == exact.keys() and ours
     groups: dict[str, list[str]] = {}
     for name in exact:
-        ours_t, stock_t, exact_t = ours[name].double(), stock[name].double(), exact[name].double()
-        assert torch.isfinite(ours_t).all(), f"{name}: non-finite values"
-        stock_error = (stock_t - exact_t).abs()
-        bound = stock_error + 16 * stock_error.square().mean().sqrt()
-        error = (ours_t - exact_t).abs()
-        assert (error <= bound).all(), (
-            f"{name}: {int((error > bound).sum())} elements beyond stock's bf16 error; worst "
-            f"{(error - bound).max().item():.3g} over the bound"
-        )
-        ours_rel, stock_rel = _relative_error(ours_t, exact_t), _relative_error(stock_t, exact_t)
-        assert ours_rel <= 4 * stock_rel + 1e-2, f"{name}: relative error {ours_rel:.3g} vs stock's {stock_rel:.3g}"
         groups.setdefault("lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "other", []).append(name)
     for group, names in groups.items():
         norm = sum(exact[n].double().square().sum() for n in names).sqrt()
         ours_rel = (sum((ours[n].double() - exact[n].double()).square().sum() for n in names).sqrt() / norm).item()
         stock_rel = (sum((stock[n].double() - exact[n].double()).square().sum() for n in names).sqrt() / norm).item()
+        for name in names:
+            _assert_tensor_as_accurate(name, ours[name], stock[name], exact[name], group_rel=stock_rel)
         assert ours_rel <= 1.25 * stock_rel + 4e-3, f"{group}: pooled relative error {ours_rel:.3g} vs stock's {stock_rel:.3g}"
+
+
+def _assert_tensor_as_accurate(name: str, ours: torch.Tensor, stock: torch.Tensor, exact: torch.Tensor,
+                               group_rel: float) -> None:
+    """The per-element and per-tensor bounds of :func:`assert_as_accurate_as_stock` for one tensor."""
+    ours_t, stock_t, exact_t = ours.double(), stock.double(), exact.double()
+    assert torch.isfinite(ours_t).all(), f"{name}: non-finite values"
+    stock_error = (stock_t - exact_t).abs()
+    bound = stock_error + 16 * stock_error.square().mean().sqrt() + 4 * group_rel * exact_t.abs()
+    error = (ours_t - exact_t).abs()
+    assert (error <= bound).all(), (
+        f"{name}: {int((error > bound).sum())} elements beyond stock's error; worst "
+        f"{(error - bound).max().item():.3g} over the bound"
+    )
+    ours_rel, stock_rel = _relative_error(ours_t, exact_t), _relative_error(stock_t, exact_t)
+    assert ours_rel <= 4 * max(stock_rel, group_rel) + 1e-2, f"{name}: relative error {ours_rel:.3g} vs stock's {stock_rel:.3g}"
