@@ -452,9 +452,10 @@ def optimize(
     * PEFT ``lora.Linear`` layers (over ``nn.Linear``) run :func:`npu_kernels.lora_linear` while
       they have one active plain-LoRA adapter, identity dropout, unmerged and enabled (checked at
       every call; otherwise PEFT's forward runs, and ``report.lora_fallbacks`` says why);
-    * with ``frozen_weights`` (default), plain ``nn.Linear``/``nn.Conv2d`` layers whose parameters
-      do not require grad at call time (the frozen base of LoRA training) keep no input for the
-      backward, only their weight: same values and gradients, much less activation memory.
+    * with ``frozen_weights`` (default), plain ``nn.Conv2d`` layers whose parameters do not require
+      grad at call time (the frozen convolutions of LoRA training) keep no input for the backward,
+      only their weight: same values and gradients, less activation memory (a frozen ``nn.Linear``
+      keeps none in stock PyTorch already, and is left alone).
 
     Works on ``UNet2DConditionModel`` and on any other model: it swaps what matches and leaves the
     rest. A diffusers ``DiffusionPipeline`` gets this on each of its diffusers models (UNet, VAE, ...)
@@ -510,7 +511,7 @@ def optimize(
         elif peft_lora.unpatched_lora_layer(module):
             report.skipped.append(f"{name}: PEFT {type(module).__name__} over {type(module.get_base_layer()).__name__}")
         elif frozen_weights and frozen_layers.patchable(module):
-            _patch(module, frozen_layers.linear_forward if type(module) is nn.Linear else frozen_layers.conv2d_forward)
+            _patch(module, frozen_layers.conv2d_forward)
             report.frozen_layers += 1
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if _is_group_norm(norm) and _is_plain_silu(act) and not getattr(norm, _FUSED_TAG, False):

@@ -1,10 +1,14 @@
-"""Linear and Conv2d layers whose weights are frozen (LoRA training) keep no input for backward.
+"""Conv2d layers whose weights are frozen (LoRA training) keep no input for backward.
 
-Autograd's ``linear``/``convolution`` save their input whatever ``requires_grad`` says of the
-weight, yet with a frozen weight the backward needs only ``grad @ W``: the input is dead weight.
-In SDXL LoRA training nearly every conv and feed-forward layer is frozen, and their inputs (the
-GroupNorm+SiLU and GEGLU outputs) are the largest activations. These functions compute the same
-forward and the same input gradient, saving only the weight (already resident).
+Autograd's ``convolution`` saves its input whatever ``requires_grad`` says of the weight, yet with a
+frozen weight the backward needs only the weight: the input is dead weight. In SDXL LoRA training
+every convolution is frozen, and their inputs (the GroupNorm+SiLU outputs) are among the largest
+activations. :func:`conv2d_forward` computes the same forward and the same input gradient, saving
+only the weight (already resident).
+
+``nn.Linear`` needs no such help: autograd's ``mm``/``addmm`` save the input only when the weight
+requires a gradient (tests/test_diffusers_integration.py checks that a frozen Linear keeps nothing),
+so a Python autograd Function there would only add host time per call.
 """
 from __future__ import annotations
 
@@ -22,22 +26,6 @@ def _shape_placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch
     """A one-element tensor expanded to ``shape``: all ``convolution_backward`` reads of the input
     it does not differentiate. Cached per shape, so the backward dispatches no allocation for it."""
     return torch.empty(1, dtype=dtype, device=device).expand(shape)
-
-
-class _FrozenLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.input_dtype = x.dtype
-        x, weight, bias = autocast_operands(x, weight, bias)
-        ctx.save_for_backward(weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        # Autocast is off in backward: compute in the dtype the forward ran in.
-        grad_x = torch.matmul(_as_dtype(grad_out, weight.dtype), weight)
-        return _as_dtype(grad_x, ctx.input_dtype), None, None
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -76,16 +64,10 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# Frozen is checked at every call (attribute reads only: this runs for every layer call), so
-# unfreezing a layer later just works; an input without a gradient needs no Function either.
-def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    weight, bias = self.weight, self.bias
-    if x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled():
-        return _FrozenLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 def conv2d_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Conv2d.forward`` that keeps no input for the backward while the layer is frozen. Frozen is
+    checked at every call (attribute reads only), so unfreezing a layer later just works; an input
+    without a gradient needs no Function either."""
     weight, bias = self.weight, self.bias
     if x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled():
         return _FrozenConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -93,7 +75,5 @@ def conv2d_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def patchable(module: nn.Module) -> bool:
-    """Plain ``nn.Linear`` and zero-padded, integer-padded ``nn.Conv2d`` (exact types, not subclasses)."""
-    if type(module) is nn.Linear:
-        return True
+    """A zero-padded, integer-padded ``nn.Conv2d`` (the exact type, not a subclass)."""
     return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
