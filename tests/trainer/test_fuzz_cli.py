@@ -167,7 +167,8 @@ NUMBERS = [
 
 CASES: list[Case] = [
     # model
-    Case("model", "missing_folder", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", str(t / "nope"), "--dataset_name", "embedded"],
+    Case("model", "missing_folder", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", str(t / "nope"), "--dataset_name", "embedded",
+                                                     "--output_dir", str(t / "out")],
          r"--pretrained_model_name_or_path \S+nope: no such directory"),
     Case("model", "truncated_weights", _truncated_unet, r"unet/\S+\.safetensors cannot be loaded \(.*truncated"),
     Case("model", "config_does_not_match_weights", _unet_config_of_another_model, r"unet/config.json does not match its weights \(\S+: the config builds \["),
@@ -179,7 +180,8 @@ CASES: list[Case] = [
     Case("model", "empty_name", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", "", "--dataset_name", "embedded"],
          r"--pretrained_model_name_or_path is empty"),
     # dataset
-    Case("dataset", "missing_folder", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", "embedded", "--dataset_name", str(t / "none")],
+    Case("dataset", "missing_folder", lambda t, d, a: [*RUN, "--pretrained_model_name_or_path", "embedded", "--dataset_name", str(t / "none"),
+                                                       "--output_dir", str(t / "out")],
          r"--dataset_name \S+none: no such directory"),
     Case("dataset", "wrong_image_column", lambda t, d, a: _dataset(t, d, a, "--image_column", "img"), r"has no column 'img' \(--image_column\)"),
     Case("dataset", "caption_column_is_images", lambda t, d, a: _dataset(t, d, a, "--caption_column", "image"), r"caption column 'image'"),
