@@ -392,7 +392,8 @@ def plot(curves: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.annotate(row["name"], (row["memory_ratio"], row["time_ratio"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
         ax.scatter([], [], marker="o", color="tab:blue", label="optimize(unet, recompute=level)")
-        ax.scatter([], [], marker="s", color="tab:orange", label="the same + gradient checkpointing")
+        if any(row["checkpointing"] for row in rows.values()):
+            ax.scatter([], [], marker="s", color="tab:orange", label="the same + gradient checkpointing")
         times = [row["time_ratio"] for row in rows.values()]
         ax.set_xlim(0, max(1.25, max(row["memory_ratio"] for row in rows.values()) * 1.1))
         ax.set_ylim(min(0.8, min(times) - 0.05), max(times) + 0.15)
@@ -405,6 +406,11 @@ def plot(curves: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _plot_record(record: dict[str, Any], out: Path) -> None:
+    plot(record["curves"], out / "memory_curve.png",
+         f"{record['run']['device']}, {record['run']['date'][:10]}: LoRA step time vs activation memory")
 
 
 # ----------------------------------------------------------------------------- the record
@@ -455,7 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-processes", type=int, default=5,
                         help="fresh processes the host-bound check runs in, one after the other (default 5)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder of memory_curve.json and memory_curve.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw --out's memory_curve.png from its JSON")
     options = parser.parse_args(argv)
+    if options.replot:
+        record = json.loads((options.out / "memory_curve.json").read_text())
+        _plot_record(record, options.out)
+        return 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     record: dict[str, Any] = {"run": run_info(device), "curves": [], "host_bound": []}
     for precision in options.precision or list(PRECISIONS):
@@ -475,8 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     record["run"]["load_average_at_end"] = os.getloadavg()
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "memory_curve.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(record["curves"], options.out / "memory_curve.png",
-         f"{record['run']['device']}, {record['run']['date'][:10]}: LoRA step time vs activation memory")
+    _plot_record(record, options.out)
     print(f"\nwrote {options.out / 'memory_curve.json'} and {options.out / 'memory_curve.png'}")
     return 0
 
