@@ -171,6 +171,16 @@ else
     '$PYTHON' -m benchmarks.memory_plan_accuracy --device cuda --model sdxl --resolution 1024 --batch 1 || r=\$?; exit \$r"
 fi
 
+# 3c. The time-memory curve on SDXL's own UNet at 512 px, bf16: stock, checkpointing, every recompute level with and
+#     without it (peak memory, saved bytes, 9 interleaved rounds), and the host-bound check in 3 processes
+#     (rehearsal: the tiny UNet, one round).
+if [[ "$REHEARSAL" == 1 ]]; then
+  CURVE=(--size tiny --rounds 1 --host-rounds 1 --host-processes 1)
+else
+  CURVE=(--size sdxl --rounds 9 --host-rounds 9 --host-processes 3)
+fi
+run_stage memory_curve 240 120 "$PYTHON" -m benchmarks.memory_curve --precision bf16 "${CURVE[@]}" --out "$OUT_DIR/memory_curve"
+
 # 4. UNet step at 512 px: eager/compiled x stock/optimized (bf16; fp32 is in the README already).
 run_stage unet_step_512 240 150 "${BENCH[@]}" benchmarks/test_bench_unet_step.py "${UNET_512[@]}" -k bf16 \
   --compile-mode "$COMPILE_MODE" --benchmark-json "$OUT_DIR/unet_step_512.json"
@@ -231,7 +241,7 @@ run_stage kernel_table 240 120 bash -c "'$PYTHON' -m pytest -q -p no:cacheprovid
 # ------------------------------------------------------------------------------------------- summary
 say "summary (logs and JSON in $OUT_DIR):"
 failed=0 skipped=()
-for name in env npu_kernels_report tests host_time trainer_embedded memory_plan unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
+for name in env npu_kernels_report tests host_time trainer_embedded memory_plan memory_curve unet_step_512 trainer_sdxl:assets trainer_sdxl:kernels_off \
             trainer_sdxl:kernels_on trainer_sdxl:kernels_on_compile unet_step_1024 profile_512 compiled_routing kernel_table; do
   status="${RESULT[$name]:-not run}"
   say "  $(printf '%-34s' "$name") $status"

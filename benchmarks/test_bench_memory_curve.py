@@ -46,3 +46,31 @@ def test_memory_curve(benchmark, precision, bench_size, bench_rounds, device):
     for level in levels:
         no_more(f"ours:{level}+ckpt", f"ours:{level}")
         no_more(f"ours:{level}+ckpt", "stock+ckpt")
+
+
+def test_the_gradient_check_without_an_exact_copy_fails_a_level_that_is_off(monkeypatch, device):
+    """``--size sdxl``'s check (no float64 copy: each level against the default, bit for bit or per element):
+    passes the real levels, and fails one whose LoRA gradient is 0.1% off in one tensor."""
+    import benchmarks.memory_curve as curve
+
+    step = curve.build_step("tiny", "fp32", device)
+    points = [curve.CurvePoint(None), curve.CurvePoint(DEFAULT_LEVEL), curve.CurvePoint("half_geglu_projection")]
+    verdicts = curve.check_gradients(step, points, exact_copy=False)
+    assert verdicts["stock"] == "bitwise"
+    assert verdicts["ours:half_geglu_projection"] in (f"bitwise = ours:{DEFAULT_LEVEL}", f"within tolerance of ours:{DEFAULT_LEVEL}")
+    assert step.default_vs_stock is not None and 0 <= step.default_vs_stock < 1e-4
+
+    applied = []
+    apply_point, lora_gradients = curve.apply_point, curve.LoraStep.lora_gradients
+    monkeypatch.setattr(curve, "apply_point", lambda unet, point: (applied.append(point), apply_point(unet, point)))
+
+    def one_tensor_off(self):
+        grads = lora_gradients(self)
+        if applied[-1].recompute == "half_geglu_projection":
+            name = next(iter(grads))
+            grads[name] = grads[name] * 1.001
+        return grads
+
+    monkeypatch.setattr(curve.LoraStep, "lora_gradients", one_tensor_off)
+    with pytest.raises(AssertionError, match="half_geglu_projection"):
+        curve.check_gradients(step, points, exact_copy=False)
