@@ -17,6 +17,9 @@ import torch
 class TrainingHooks:
     """No-op hooks. ``step`` is always the optimizer step being made (1-based, as in checkpoint names)."""
 
+    def before_models_load(self) -> None:
+        """The output folder is this run's; the models are about to load (nothing trained yet)."""
+
     def on_batch(self, step: int, batch: dict[str, Any]) -> None:
         """A batch arrived from the dataloader (before its forward pass)."""
 

@@ -103,6 +103,7 @@ def _train(
     config = _resolve_embedded(args, accelerator)
 
     # ------------------------------------------------------------------ models
+    hooks.before_models_load()
     components = models.load_components(config, accelerator.device, accelerator.mixed_precision)
     models.enable_attention_backends(components.unet, config)
     models.add_lora(components, config.rank, config.train_text_encoder, config.use_dora)

@@ -4,6 +4,9 @@ Runs ``trainer.sdxl_lora.cli`` with a :class:`~trainer.hooks.TrainingHooks` that
 options ask for, so the fault tests can kill or disturb a training subprocess at an exact point. Every
 fault prints one line starting with :data:`MARKER` to stderr when it fires; the tests wait for it.
 
+``--pause_before_models_load``
+    Sleep where the models are about to load, up to :data:`PAUSE_SECONDS` (a Ctrl-C there interrupts it as
+    it would interrupt the loading).
 ``--pause_at_step N``
     Sleep inside optimizer step N (after backward, before ``optimizer.step()``), up to
     :data:`PAUSE_SECONDS`; a SIGINT/SIGTERM ends the pause early so the graceful stop can be tested.
@@ -54,11 +57,17 @@ class FaultHooks(TrainingHooks):
         pause_in_checkpoint_write: int | None = None,
         nan_loss_at_steps: Sequence[int] = (),
         stop_after_step: int | None = None,
+        pause_before_models_load: bool = False,
     ) -> None:
+        self.pause_before_models_load = pause_before_models_load
         self.pause_at_step = pause_at_step
         self.pause_in_checkpoint_write = pause_in_checkpoint_write
         self.nan_loss_at_steps = set(nan_loss_at_steps)
         self.stop_after_step = stop_after_step
+
+    def before_models_load(self) -> None:
+        if self.pause_before_models_load:
+            _pause("before the models load", lambda: False)
 
     def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         if step not in self.nan_loss_at_steps:
@@ -83,6 +92,7 @@ class FaultHooks(TrainingHooks):
 def parse(argv: Sequence[str]) -> tuple[FaultHooks, list[str]]:
     """(hooks, the trainer's flags) from ``[fault options] [--] <trainer flags>``."""
     parser = argparse.ArgumentParser(prog="python -m tests.trainer.fault_entry")
+    parser.add_argument("--pause_before_models_load", action="store_true")
     parser.add_argument("--pause_at_step", type=int)
     parser.add_argument("--pause_in_checkpoint_write", type=int)
     parser.add_argument("--nan_loss_at_steps", type=lambda text: [int(x) for x in text.split(",")], default=[])
@@ -90,7 +100,8 @@ def parse(argv: Sequence[str]) -> tuple[FaultHooks, list[str]]:
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_args(argv[:split])
-    hooks = FaultHooks(options.pause_at_step, options.pause_in_checkpoint_write, options.nan_loss_at_steps, options.stop_after_step)
+    hooks = FaultHooks(options.pause_at_step, options.pause_in_checkpoint_write, options.nan_loss_at_steps, options.stop_after_step,
+                       options.pause_before_models_load)
     return hooks, argv[split + 1 :]
 
 

@@ -239,11 +239,12 @@ def test_a_second_run_on_a_running_folder_stops_and_ctrl_c_before_training_is_on
     step 2, while a second run on that folder is refused; the other gets Ctrl-C while its models load."""
     held, early = tmp_path / "held", tmp_path / "early"
     first = BackgroundRun([*TINY, "--output_dir", str(held)], cache, tmp_path / "logs_held", faults=["--pause_at_step", "2"])
-    loading = BackgroundRun([*TINY, "--output_dir", str(early)], cache, tmp_path / "logs_early")
+    loading = BackgroundRun([*TINY, "--output_dir", str(early)], cache, tmp_path / "logs_early",
+                            faults=["--pause_before_models_load"])
     try:
-        deadline = time.monotonic() + 180
-        while "Distributed environment" not in loading.stderr() and time.monotonic() < deadline and loading.process.poll() is None:
-            time.sleep(0.05)  # the accelerator exists: the models are about to load
+        # Paused where the models load (waiting for a log line instead raced a fast load on a busy machine: the
+        # run had finished when the signal came).
+        loading.wait_for_hook()
         loading.send(signal.SIGINT)
         assert_one_line(loading.wait(), loading.stderr(), 130, r"^error: interrupted by Ctrl-C \(SIGINT\)")
         assert not (early / LORA_FILE).exists() and not checkpointing.list_checkpoints(early)
