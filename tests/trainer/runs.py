@@ -81,6 +81,13 @@ def run_trainer(
     )  # fmt: skip
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C as a terminal delivers it. A shell runs background jobs with SIGINT ignored
+    (``cmd &``, ``nohup``), the child inherits that, and Python then installs no KeyboardInterrupt handler: a CI
+    launched that way made every Ctrl-C test a no-op (the run trained to the end and exited 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class BackgroundRun:
     """A trainer subprocess whose stderr goes to a file, so the test can wait for a test-hook line."""
 
@@ -92,6 +99,7 @@ class BackgroundRun:
             trainer_command(argv, faults),
             cwd=REPO, env=trainer_env(cache, **env), stdout=self._stdout, stderr=self._stderr,
             start_new_session=True,  # its own process group: signal it and its dataloader workers together
+            preexec_fn=_default_sigint,
         )  # fmt: skip
 
     def wait_for_hook(self, timeout: float = 180) -> str:
