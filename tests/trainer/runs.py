@@ -82,10 +82,12 @@ def run_trainer(
 
 
 def _default_sigint() -> None:
-    """In the child before exec: Ctrl-C as a terminal delivers it. A shell runs background jobs with SIGINT ignored
-    (``cmd &``, ``nohup``), the child inherits that, and Python then installs no KeyboardInterrupt handler: a CI
-    launched that way made every Ctrl-C test a no-op (the run trained to the end and exited 0)."""
+    """In the child before exec: Ctrl-C as a terminal delivers it. An ignored or blocked SIGINT survives exec (a
+    shell starts background jobs with it ignored; a library may block it in the test process), and Python then
+    installs no KeyboardInterrupt handler or never sees the signal: in two CI rehearsals a Ctrl-C test's run got
+    the signal and trained to the end (exit 0, not 130)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class BackgroundRun:
