@@ -93,12 +93,14 @@ class CurvePoint:
         return ("stock" if self.recompute is None else f"ours:{self.recompute}") + ("+ckpt" if self.checkpointing else "")
 
 
-def curve_points(levels: tuple[str, ...] | None = None) -> list[CurvePoint]:
+def curve_points(levels: tuple[str, ...] | None = None, checkpointing: bool = True) -> list[CurvePoint]:
     """stock, stock+ckpt, then each recompute level (default: all of ``npu_kernels.RECOMPUTE_LEVELS``) without
-    and with checkpointing."""
+    and with checkpointing; without ``checkpointing``, stock and the levels only."""
     levels = npu_kernels.RECOMPUTE_LEVELS if levels is None else levels
-    return [CurvePoint(None), CurvePoint(None, True), *(CurvePoint(level) for level in levels),
-            *(CurvePoint(level, True) for level in levels)]
+    plain = [CurvePoint(None), *(CurvePoint(level) for level in levels)]
+    if not checkpointing:
+        return plain
+    return [plain[0], CurvePoint(None, True), *plain[1:], *(CurvePoint(level, True) for level in levels)]
 
 
 def apply_point(unet: torch.nn.Module, point: CurvePoint) -> None:
@@ -180,8 +182,8 @@ def check_gradients(step: LoraStep, points: list[CurvePoint], exact_copy: bool =
     stock's for ``stock+ckpt``, the default level's for every level with or without checkpointing (the levels
     recompute with the forward's own kernels on the same operands), or, where a library rounds a narrower GEMM
     differently, agree with them per element within ``tests/reference.py``'s tolerance of the step's precision;
-    the default's own accuracy is what the smaller models check. ``step.default_vs_stock`` records how far the default's gradients are from stock's
-    (relative 2-norm of the difference, all LoRA gradients pooled).
+    the default's own accuracy is what the smaller models check. ``step.default_vs_stock`` records how far the
+    default's gradients are from stock's (relative 2-norm of the difference, all LoRA gradients pooled).
     """
     apply_point(step.unet, CurvePoint(None))
     stock = step.lora_gradients()
@@ -220,7 +222,7 @@ def _check_bitwise_families(step: LoraStep, points: list[CurvePoint], stock: dic
         grads = step.lora_gradients()
         family, family_name = (stock, "stock") if point.recompute is None else (default, f"ours:{DEFAULT_LEVEL}")
         if _equal(grads, family):
-            verdicts[point.name] = "bitwise" if _equal(grads, stock) else f"bitwise = {family_name}"
+            verdicts[point.name] = "bitwise" if family is stock or _equal(grads, stock) else f"bitwise = {family_name}"
             continue
         # A GPU library may pick another GEMM kernel for the narrower recompute (half_geglu_projection) and
         # round differently: then per element within the tolerance of the precision the step computes in.
@@ -476,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     record: dict[str, Any] = {"run": run_info(device), "curves": [], "host_bound": []}
+    points = curve_points(checkpointing=options.checkpointing)
     for precision in options.precision or list(PRECISIONS):
-        points = curve_points() if options.checkpointing else [CurvePoint(None), *map(CurvePoint, npu_kernels.RECOMPUTE_LEVELS)]
         curve = measure_curve(options.size, precision, device, options.rounds, points)
         record["curves"].append(curve)
         print(f"\nLoRA step of the {SIZE_NAMES[options.size]}, {precision}, {device.type}, {options.rounds} interleaved rounds")
