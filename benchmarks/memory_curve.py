@@ -456,6 +456,14 @@ def run_info(device: torch.device) -> dict[str, Any]:
     )
 
 
+def _levels(text: str) -> tuple[str, ...]:
+    levels = tuple(level.strip() for level in text.split(",") if level.strip())
+    unknown = [level for level in levels if level not in npu_kernels.RECOMPUTE_LEVELS]
+    if unknown or not levels:
+        raise argparse.ArgumentTypeError(f"levels are {', '.join(npu_kernels.RECOMPUTE_LEVELS)}; got {text!r}")
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="full",
@@ -464,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the points with gradient checkpointing (default; --no-checkpointing: stock and the "
                              "levels only, for a model whose steps take long)")
     parser.add_argument("--precision", action="append", choices=list(PRECISIONS), help="default: fp32 and bf16")
+    parser.add_argument("--levels", type=_levels, default=None,
+                        help="comma-separated recompute levels to measure beside stock (default: all of them)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timed rounds per curve (default 9)")
     parser.add_argument("--host-rounds", type=int, default=9,
                         help="rounds of the host-bound check, stock vs default optimize() on the tiny UNet (0: skip)")
@@ -478,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     record: dict[str, Any] = {"run": run_info(device), "curves": [], "host_bound": []}
-    points = curve_points(checkpointing=options.checkpointing)
+    points = curve_points(options.levels, checkpointing=options.checkpointing)
     for precision in options.precision or list(PRECISIONS):
         curve = measure_curve(options.size, precision, device, options.rounds, points)
         record["curves"].append(curve)

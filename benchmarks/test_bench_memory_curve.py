@@ -74,3 +74,14 @@ def test_the_gradient_check_without_an_exact_copy_fails_a_level_that_is_off(monk
     monkeypatch.setattr(curve.LoraStep, "lora_gradients", one_tensor_off)
     with pytest.raises(AssertionError, match="half_geglu_projection"):
         curve.check_gradients(step, points, exact_copy=False)
+
+
+def test_levels_option_picks_points_and_refuses_unknown_levels(capsys):
+    from benchmarks.memory_curve import _levels, curve_points, main
+
+    levels = _levels("none, geglu_projection")
+    assert levels == ("none", "geglu_projection")
+    assert [point.name for point in curve_points(levels, checkpointing=False)] == ["stock", "ours:none", "ours:geglu_projection"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--levels", "none,everything"])
+    assert exit_info.value.code == 2 and "levels are none" in capsys.readouterr().err
