@@ -183,11 +183,34 @@ def _shared_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[t
 def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``nn.LayerNorm.forward``, its output marked as rebuildable from its input: the LayerNorm keeps
     its input for its own backward anyway, so the projections that read the output (attention's
-    LoRA layers, the feed-forward) need not keep a second copy."""
+    LoRA layers, the feed-forward) need not keep a second copy.
+
+    Where autocast runs LayerNorm in float32 (CUDA's policy; the CPU's keeps bf16), the float32 copy
+    of ``x`` is made here, as autocast would make it (same values, same graph): then the copy the
+    LayerNorm saves is the source the projections' backward rebuilds from, not a second tensor."""
+    if not needs_grad(x) or tracing():
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    device_type = x.device.type
+    if x.dtype in _HALF and torch.is_autocast_enabled(device_type):
+        if _autocast_upcasts_layer_norm(device_type, torch.get_autocast_dtype(device_type)):
+            x = x.float()
     out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-    if needs_grad(x) and not tracing():
-        _recompute.rebuildable(out, MethodType(nn.LayerNorm.forward, self), x)
+    _recompute.rebuildable(out, MethodType(nn.LayerNorm.forward, self), x)
     return out
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _autocast_upcasts_layer_norm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast on ``device_type`` runs LayerNorm in float32 (asked once: no public query)."""
+    try:
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype):
+            probe = torch.ones(1, 2, dtype=dtype, device=device_type)
+            return F.layer_norm(probe, (2,)).dtype == torch.float32
+    except RuntimeError:  # a device type autocast does not know: it casts nothing there
+        return False
 
 
 def _attention_forward(
@@ -397,8 +420,9 @@ def _is_group_norm(module: nn.Module | None) -> bool:
     return type(module) is nn.GroupNorm
 
 
-#: The recompute levels of :func:`optimize`, from keeping everything the fused ops need ("none", the
-#: default) to the most memory-frugal; each level recomputes what the levels before it do and more.
+#: The recompute levels of :func:`optimize`, from recomputing no GEMM ("none", the default: LayerNorm
+#: outputs and the fused ops' elementwise maths only) to the most memory-frugal; each level recomputes
+#: what the levels before it do and more.
 RECOMPUTE_LEVELS: tuple[str, ...] = (
     "none", "norms_and_text", "half_geglu_projection", "geglu_projection", "attention_projections"
 )
@@ -436,11 +460,12 @@ def optimize(
       diffusers runs on Ascend NPUs, where it calls ``npu_geglu`` with the tanh approximation);
     * ``recompute`` picks one of :data:`RECOMPUTE_LEVELS`, what the backward recomputes instead of
       keeping; each level does what the one before does and more, with the same values and gradients
-      bit for bit. ``"none"`` (the default) recomputes nothing. ``"norms_and_text"``: LayerNorm outputs
-      from the LayerNorm's own saved input (``nn.LayerNorm`` modules get a forward that marks their
-      output), the autocast copies of the text states, cross-attention's key and value from the (at
-      most 256) text tokens: no GEMM on SDXL's widths worth naming, but measurable on a host-bound step
-      (benchmarks/memory_curve.py), so not the default.
+      bit for bit. ``"none"`` (the default) recomputes no GEMM: only what costs elementwise work, which
+      at every level includes each ``nn.LayerNorm``'s output, rebuilt from the input the LayerNorm
+      keeps for its own backward (its modules get a forward that marks their output), so the LoRA
+      projections after it keep no second copy. ``"norms_and_text"``: + the autocast copies of the
+      text states and cross-attention's key and value from the (at most 256) text tokens (small GEMMs:
+      about 2.5% of the step of SDXL's UNet at 512 px on a CPU, benchmarks/memory_curve.py).
       ``"half_geglu_projection"``: + the hidden half of the projection of every ``GEGLU`` whose
       ``proj`` is a frozen ``nn.Linear`` (:func:`npu_kernels.geglu_projection` with ``keep_gate``:
       the gate half, 4x the model width, is kept; half a projection GEMM more per feed-forward
@@ -498,7 +523,7 @@ def optimize(
                 report.resnet_blocks += 1
             else:
                 report.skipped.append(f"{name}: ResnetBlock2D ({module.time_embedding_norm}, {type(module.nonlinearity).__name__})")
-        elif type(module) is nn.LayerNorm and _level_at_least(recompute, "norms_and_text"):
+        elif type(module) is nn.LayerNorm:  # at every level: rebuilding its output costs no GEMM
             _patch(module, _layer_norm_forward)
         elif isinstance(module, GEGLU):
             _patch(module, geglu_forward)

@@ -398,6 +398,55 @@ def test_recompute_geglu_projection_saves_the_narrow_input_with_the_same_gradien
     assert calls == [1]
 
 
+def _layer_norm_into_lora(weight_dtype: torch.dtype) -> torch.nn.Module:
+    """A LayerNorm (float32 parameters) feeding a PEFT LoRA Linear (frozen base in ``weight_dtype``, LoRA fp32)."""
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(24), torch.nn.Linear(24, 24).to(weight_dtype)).requires_grad_(False)
+    torch.nn.init.normal_(model[0].weight)  # not the identity affine: a wrong rebuild would show
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["1"]), model)
+    for name, param in model.named_parameters():
+        if "lora" in name:
+            param.data = torch.randn_like(param, dtype=torch.float32)
+    return model
+
+
+@pytest.mark.parametrize("autocast_upcasts", [False, True], ids=["layer_norm_in_input_dtype", "layer_norm_in_fp32"])
+def test_the_default_keeps_a_layer_norms_input_not_also_its_output(autocast_upcasts, monkeypatch):
+    """At the default level the LoRA projection after a LayerNorm keeps the LayerNorm's input (which the
+    LayerNorm keeps anyway), not its output: one copy where stock keeps two, same values and gradients
+    bit for bit. Under an autocast that runs LayerNorm in float32 (CUDA's policy, forced here on the
+    CPU, whose autocast leaves LayerNorm alone) the float32 copy the LayerNorm saves is that one copy."""
+    from benchmarks.memory import saved_bytes
+    from npu_kernels import diffusers_integration
+
+    monkeypatch.setattr(diffusers_integration, "_autocast_upcasts_layer_norm", lambda *_: autocast_upcasts)
+    dtype = torch.bfloat16 if autocast_upcasts else torch.float32
+    ours, keeping = _layer_norm_into_lora(dtype), _layer_norm_into_lora(dtype)
+    npu_kernels.optimize(ours)
+    npu_kernels.optimize(keeping)
+    del keeping[0].forward  # the reference: the same fused LoRA after a stock LayerNorm, whose output it keeps
+    x = torch.randn(3, 7, 24, dtype=dtype, requires_grad=True)
+    # What autocast does where it runs LayerNorm in float32: the float32 copy, then the LayerNorm.
+    stock_input = (lambda t: t.float()) if autocast_upcasts else (lambda t: t)
+
+    def run(model, prepare):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_upcasts):
+            out = model(prepare(x))
+            kept = saved_bytes(lambda: model(prepare(x)), exclude=list(model.parameters()))  # x counts too
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out.float().square().sum(), [x, *params]), kept
+
+    out, grads, kept = run(ours, lambda t: t)
+    stock_out, stock_grads, stock_kept = run(keeping, stock_input)
+    assert torch.equal(out, stock_out) and all(torch.equal(g, s) for g, s in zip(grads, stock_grads))
+    # Exactly the LayerNorm's output (as the LoRA multiplies it) fewer; x itself counts too, so a rebuild from the
+    # bf16 x rather than from the LayerNorm's float32 copy would keep one more tensor and fail this.
+    layer_norm_output = 3 * 7 * 24 * (2 if autocast_upcasts else 4)
+    assert stock_kept == kept + layer_norm_output, (kept, stock_kept)
+
+
 def test_attention_forward_skips_the_signature_inspection_and_falls_back(caplog):
     """optimize() calls our processor straight from Attention.forward; extra kwargs, another processor
     or restore() give diffusers' own forward back (and its warning for unexpected kwargs)."""

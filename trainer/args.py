@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RECOMPUTE_LEVELS,
         help="(--kernels on) what the fused ops recompute in the backward instead of keeping it, from none (the"
         " default) to the most memory-frugal level (npu_kernels.optimize(recompute=...)); each level recomputes"
-        " what the one before does and more. none: nothing. norms_and_text: LayerNorm outputs from their inputs,"
-        " the text states' casts, cross-attention key/value from the 77 text tokens. half_geglu_projection: + the hidden half of"
+        " what the one before does and more. none: no GEMM (LayerNorm outputs from their inputs, the fused ops'"
+        " elementwise maths). norms_and_text: + the text states' casts, cross-attention key/value from the 77 text"
+        " tokens. half_geglu_projection: + the hidden half of"
         " each feed-forward's projection (half a GEMM more per feed-forward backward). geglu_projection: the whole projection"
         " (its 8x wider output is not kept; one more GEMM per feed-forward backward). attention_projections: +"
         " attention's query/key/value from the projections' input. Stands down inside --gradient_checkpointing"
