@@ -78,10 +78,10 @@ class FusedAttnProcessor:
     does. Key/value sequences of at most 256 tokens (SDXL's 77 text tokens) go to
     :func:`npu_kernels.cross_attention`, longer ones to :func:`npu_kernels.flash_attention`.
 
-    ``recompute`` (one of :data:`RECOMPUTE_LEVELS`): at every level the backward recomputes
-    cross-attention's key and value from the (at most 256) text tokens instead of keeping them; from
-    ``"attention_projections"`` on it also recomputes the query, and self-attention's key and value,
-    from the projections' input.
+    ``recompute`` (one of :data:`RECOMPUTE_LEVELS`): from ``"norms_and_text"`` on, the backward
+    recomputes cross-attention's key and value from the (at most 256) text tokens instead of keeping
+    them; from ``"attention_projections"`` on it also recomputes the query, and self-attention's key
+    and value, from the projections' input.
 
     Example::
 
