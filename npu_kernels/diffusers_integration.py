@@ -180,6 +180,9 @@ def _shared_projections(attn: Attention, hidden_states: torch.Tensor) -> tuple[t
 
 
 # ----------------------------------------------------------------------------- fused forwards
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``nn.LayerNorm.forward``, its output marked as rebuildable from its input: the LayerNorm keeps
     its input for its own backward anyway, so the projections that read the output (attention's
@@ -197,9 +200,6 @@ def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
     _recompute.rebuildable(out, MethodType(nn.LayerNorm.forward, self), x)
     return out
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
