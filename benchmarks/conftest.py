@@ -43,6 +43,15 @@ SMOKE_DUPLICATES: dict[str, str] = {
 }
 
 
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``--dist loadfile`` (pyproject's addopts, for the test command's ``-n 2``) only when there are
+    workers: pytest-benchmark counts any ``--dist`` but "no" as xdist being on and then disables timing,
+    so without this ``--benchmark-only`` stops at once with "Can't have both --benchmark-only and
+    --benchmark-disable". Runs after pytest-xdist's own hook (which turns ``-n N`` into workers)."""
+    if not getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "loadfile":
+        config.option.dist = "no"
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the marks added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--bench-size") != "smoke" or not config.getoption("benchmark_disable", default=False):
