@@ -44,46 +44,50 @@ def unpatched_lora_layer(module: nn.Module) -> bool:
 
 def fallback_reason(layer: nn.Module) -> str | None:
     """Why PEFT's own forward has to run in the layer's current state; ``None`` when ours may."""
+    return _state(layer)[0]
+
+
+def _state(layer: nn.Module) -> tuple[str | None, str, bool]:
+    """``(fallback reason or None, active adapter, whether it is DoRA)``: every attribute read once,
+    since the fast path asks this at every call."""
     if layer.disable_adapters:
-        return "adapters disabled"
+        return "adapters disabled", "", False
     if layer.merged:
-        return "adapter merged into the base weight"
+        return "adapter merged into the base weight", "", False
     active = layer.active_adapters
     if len(active) != 1:
-        return f"{len(active)} active adapters"
+        return f"{len(active)} active adapters", "", False
     name = active[0]
     if name not in layer.lora_A:
-        return f"active adapter {name!r} is not on this layer"
+        return f"active adapter {name!r} is not on this layer", name, False
     # Attributes of some PEFT releases only: lora_variant (>= 0.16; before it DoRA, flagged in
     # use_dora, was the only variant) and lora_bias (>= 0.14). Without either DoRA flag we cannot
     # tell plain LoRA apart, so PEFT's forward runs.
     variants = getattr(layer, "lora_variant", None)
-    if variants is not None and name in variants and not _is_dora_variant(variants[name]):
-        return f"LoRA variant {type(variants[name]).__name__}"
-    if variants is None and getattr(layer, "use_dora", None) is None:
-        return "this PEFT's lora.Linear has neither lora_variant nor use_dora: cannot tell plain LoRA"
-    if _uses_dora(layer, name) and type(layer.lora_magnitude_vector[name]) is not _PeftDoraLinearLayer:
-        return f"DoRA magnitude of type {type(layer.lora_magnitude_vector[name]).__name__}"
+    if variants is not None:
+        variant = variants.get(name)
+        dora = variant is not None and _is_dora_variant(variant)
+        if variant is not None and not dora:
+            return f"LoRA variant {type(variant).__name__}", name, False
+    else:
+        use_dora = getattr(layer, "use_dora", None)
+        if use_dora is None:
+            return "this PEFT's lora.Linear has neither lora_variant nor use_dora: cannot tell plain LoRA", name, False
+        dora = use_dora.get(name, False)
+    if dora and type(layer.lora_magnitude_vector[name]) is not _PeftDoraLinearLayer:
+        return f"DoRA magnitude of type {type(layer.lora_magnitude_vector[name]).__name__}", name, dora
     if getattr(layer, "lora_bias", _NO_BIAS).get(name, False):
-        return "lora_B has a bias (lora_bias=True)"
+        return "lora_B has a bias (lora_bias=True)", name, dora
     dropout = layer.lora_dropout[name]
     if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
-        return f"LoRA dropout {dropout!r} active in training mode"
+        return f"LoRA dropout {dropout!r} active in training mode", name, dora
     if layer.fan_in_fan_out or not getattr(layer, "cast_input_dtype_enabled", True):
-        return "fan_in_fan_out or input dtype casting disabled"
-    return None
+        return "fan_in_fan_out or input dtype casting disabled", name, dora
+    return None, name, dora
 
 
 def _is_dora_variant(variant: object) -> bool:
     return _PeftDoraVariant is not None and type(variant) is _PeftDoraVariant
-
-
-def _uses_dora(layer: nn.Module, name: str) -> bool:
-    """Whether adapter ``name`` of the layer is DoRA (PEFT >= 0.16: its variant; before: ``use_dora``)."""
-    variants = getattr(layer, "lora_variant", None)
-    if variants is not None:
-        return name in variants and _is_dora_variant(variants[name])
-    return layer.use_dora.get(name, False)
 
 
 def _same_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
@@ -94,9 +98,9 @@ def _same_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _fast_path_params(layer: nn.Module, x: torch.Tensor):
     """``(weight, bias, lora_A, lora_B, scale, magnitude)`` when our op computes exactly PEFT's forward
     for this layer and input now (``magnitude``: DoRA's vector, ``None`` for plain LoRA), else ``None``."""
-    if fallback_reason(layer) is not None:
+    reason, name, dora = _state(layer)
+    if reason is not None:
         return None
-    name = layer.active_adapters[0]
     base = layer.base_layer
     weight, bias = base.weight, base.bias
     lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
@@ -108,7 +112,7 @@ def _fast_path_params(layer: nn.Module, x: torch.Tensor):
             return None
     elif not _same_dtypes(x, weight, bias, lora_A, lora_B):
         return None  # PEFT's type promotion between base and LoRA dtypes
-    magnitude = layer.lora_magnitude_vector[name].weight if _uses_dora(layer, name) else None
+    magnitude = layer.lora_magnitude_vector[name].weight if dora else None
     if magnitude is not None and magnitude.dtype != lora_A.dtype:
         return None  # PEFT's type promotion between the magnitude and the norm (lora_A's dtype)
     return weight, bias, lora_A, lora_B, layer.scaling[name], magnitude

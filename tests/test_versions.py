@@ -130,7 +130,7 @@ def test_dora_on_a_peft_without_lora_variant_runs_dora_linear_exactly():
     model[0].__dict__.pop("lora_variant", None)
     report = npu_kernels.optimize(model)
     assert report.lora_layers == 1 and report.lora_fallbacks == []
-    assert peft_lora._uses_dora(model[0], "default")
+    assert peft_lora._state(model[0]) == (None, "default", True)  # recognised as DoRA, on the fast path
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -83,7 +83,8 @@ def cast_to(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 
 def recipe_of(t: Tensor) -> tuple[_Recipe, int | None] | None:
     """How ``t`` (or the tensor it is a view of) can be rebuilt; ``None`` when it cannot."""
-    return getattr(_root(t), _MARK, None)
+    base = t._base  # noqa: SLF001 - _root inlined: this runs for every tensor every op saves
+    return getattr(t if base is None else base, _MARK, None)
 
 
 def pack(tensors: tuple) -> tuple[tuple, object]:
@@ -169,7 +170,9 @@ def _same(t: Tensor) -> Tensor:
 
 def any_marked(tensors: tuple) -> bool:
     """Whether one of ``tensors`` (``None`` allowed) is marked rebuildable."""
-    for t in tensors:  # a loop, not any(<generator>): this runs at every call of every op
-        if t is not None and recipe_of(t) is not None:
-            return True
+    for t in tensors:  # a loop, not any(<generator>), recipe_of inlined: this runs at every call of every op
+        if t is not None:
+            base = t._base  # noqa: SLF001
+            if getattr(t if base is None else base, _MARK, None) is not None:
+                return True
     return False
