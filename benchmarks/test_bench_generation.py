@@ -125,7 +125,7 @@ def _generate(pipe, resolution_px: int) -> torch.Tensor:
 
 def _fp32_image(pipeline_dir: Path, lora_dir: Path | None, resolution_px: int, device: torch.device) -> torch.Tensor:
     """Stock diffusers' image in fp32 (the reference a half-precision image is judged against)."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32).to(device)
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, **pipeline_dtype_kwargs(torch.float32)).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
