@@ -6,6 +6,12 @@ every convolution is frozen, and their inputs (the GroupNorm+SiLU outputs) are a
 activations. :func:`conv2d_forward` computes the same forward and the same input gradient, saving
 only the weight (already resident).
 
+Eager calls keep autograd's own C++ convolution node and only change what it saves, through a
+saved-tensor hook around the call: the input is stored as its shape and handed back as a placeholder
+(the backward reads its shape, not its values). A Python ``autograd.Function`` there cost 40-60 µs more
+host time per call on a 2-core CPU (benchmarks/results/cpu-2026-12-03-python-work). Traced calls
+(``torch.compile``) keep :class:`_FrozenConv2d`, which dynamo captures whole.
+
 ``nn.Linear`` needs no such help: autograd's ``mm``/``addmm`` save the input only when the weight
 requires a gradient (tests/test_diffusers_integration.py checks that a frozen Linear keeps nothing),
 so a Python autograd Function there would only add host time per call.
@@ -64,14 +70,57 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+class _DroppedInput:
+    """What the convolution node saves instead of its input: enough to hand back a placeholder."""
+
+    __slots__ = ("shape", "dtype", "device", "cacheable")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = tuple(t.shape), t.dtype, t.device
+        self.cacheable = type(t) is torch.Tensor  # fake tensors (a memory plan) must not fill the cache
+
+
 def conv2d_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``nn.Conv2d.forward`` that keeps no input for the backward while the layer is frozen. Frozen is
     checked at every call (attribute reads only), so unfreezing a layer later just works; an input
-    without a gradient needs no Function either."""
+    without a gradient needs nothing else either."""
     weight, bias = self.weight, self.bias
-    if x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled():
+    if not (x.requires_grad and not weight.requires_grad and (bias is None or not bias.requires_grad) and torch.is_grad_enabled()):
+        return self._conv_forward(x, weight, bias)
+    if tracing():
         return _FrozenConv2d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-    return self._conv_forward(x, weight, bias)
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # noqa: SLF001 - e.g. under torch.func: stock's way
+        return self._conv_forward(x, weight, bias)
+    # The operands autocast would hand the convolution, cast here: so the tensor the node saves is the
+    # very one the hook below recognises (and a rebuildable input's cast is marked as such).
+    x, weight, bias = autocast_operands(x, weight, bias)
+    # The hooks outlive the call (autograd keeps them with what they packed): they must not hold x itself,
+    # or it stays alive until the backward. Its id is unambiguous while the call runs, when packing happens.
+    input_id = id(x)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # noqa: SLF001 - no public query
+    if outer is None:
+        def pack(t: torch.Tensor) -> object:
+            return _DroppedInput(t) if id(t) == input_id else t
+        unpack = _unpack
+    else:  # the weight still goes through the hooks outside (a memory counter's, checkpointing's)
+        outer_pack, outer_unpack = outer
+
+        def pack(t: torch.Tensor) -> object:
+            return _DroppedInput(t) if id(t) == input_id else (outer_pack(t),)
+
+        def unpack(packed: object) -> torch.Tensor:
+            return _unpack(packed) if type(packed) is _DroppedInput else outer_unpack(packed[0])
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    return out
+
+
+def _unpack(packed: object) -> torch.Tensor:
+    """The placeholder for a dropped input (any other saved tensor as it was saved)."""
+    if type(packed) is not _DroppedInput:
+        return packed
+    make = _shape_placeholder if packed.cacheable else _shape_placeholder.__wrapped__
+    return make(packed.shape, packed.dtype, packed.device)
 
 
 def patchable(module: nn.Module) -> bool:
