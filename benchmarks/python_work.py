@@ -29,7 +29,7 @@ class PythonWork:
 
     bytecodes: int = 0
     calls: int = 0
-    by_file: collections.Counter = field(default_factory=collections.Counter)
+    by_file: collections.Counter = field(default_factory=collections.Counter, repr=False)
 
 
 def count_python_work(fn) -> PythonWork:

@@ -1,8 +1,8 @@
 """The Python work of one LoRA step (``benchmarks/python_work.py``), exact counts: ours stays within a budget
 of stock's. On a host-bound step this Python is time; a change that adds per-call work to every op (an
 ``inspect.signature``, a property walked twice) shows here as a count, where seconds on a shared CPU would
-hide it. Budgets: 1.60x stock's calls and 1.49x its bytecodes when set (2026-12-03, tiny UNet), with about
-10% headroom for library releases that change stock's side::
+hide it. The budgets are the counts of 2026-12-03 (tiny UNet; fp32: 1.571x stock's calls, 1.465x its
+bytecodes; bf16: 1.642x, 1.544x) with about 8% headroom for library releases that change stock's side::
 
     python -m benchmarks.python_work            # the counts, and the files ours adds them in
 """
@@ -12,17 +12,17 @@ import pytest
 
 from benchmarks.python_work import count_python_work, step_work
 
-CALLS_BUDGET = 1.75
-BYTECODES_BUDGET = 1.65
+BUDGETS = {"fp32": (1.70, 1.58), "bf16": (1.77, 1.66)}  # precision -> (calls, bytecodes), as multiples of stock's
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_python_work_of_a_step_stays_within_budget(precision, device):
     work = step_work("tiny", precision, device)
     stock, ours = work["stock"], work["ours"]
+    calls_budget, bytecodes_budget = BUDGETS[precision]
     assert stock.calls > 1000 and stock.bytecodes > 10_000  # the tracer saw the step
-    assert ours.calls <= CALLS_BUDGET * stock.calls, (ours.calls, stock.calls)
-    assert ours.bytecodes <= BYTECODES_BUDGET * stock.bytecodes, (ours.bytecodes, stock.bytecodes)
+    assert ours.calls <= calls_budget * stock.calls, (ours.calls, stock.calls)
+    assert ours.bytecodes <= bytecodes_budget * stock.bytecodes, (ours.bytecodes, stock.bytecodes)
 
 
 def test_the_counter_counts_exactly():
