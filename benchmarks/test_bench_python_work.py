@@ -1,8 +1,8 @@
 """The Python work of one LoRA step (``benchmarks/python_work.py``), exact counts: ours stays within a budget
 of stock's. On a host-bound step this Python is time; a change that adds per-call work to every op (an
 ``inspect.signature``, a property walked twice) shows here as a count, where seconds on a shared CPU would
-hide it. The budgets are the counts of 2026-12-03 (tiny UNet; fp32: 1.571x stock's calls, 1.465x its
-bytecodes; bf16: 1.642x, 1.544x) with about 8% headroom for library releases that change stock's side::
+hide it. The budgets are the counts of 2026-12-03 (tiny UNet; fp32: 1.580x stock's calls, 1.469x its
+bytecodes; bf16: 1.651x, 1.548x) with about 8% headroom for library releases that change stock's side::
 
     python -m benchmarks.python_work            # the counts, and the files ours adds them in
 """

@@ -34,6 +34,11 @@ def _shape_placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return torch.empty(1, dtype=dtype, device=device).expand(shape)
 
 
+def _placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, cacheable: bool) -> torch.Tensor:
+    """:func:`_shape_placeholder`, from its cache only for real tensors outside tracing."""
+    return (_shape_placeholder if cacheable else _shape_placeholder.__wrapped__)(shape, dtype, device)
+
+
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups):
@@ -50,8 +55,7 @@ class _FrozenConv2d(torch.autograd.Function):
         # Traced (torch.compile), the cache saves nothing and dynamo >= 2.14 warns about it: call the plain function.
         # Traced or fake tensors (torch.compile, a FakeTensorMode memory plan) must not fill the cache that real
         # calls read: a cached fake placeholder would silently change every later real gradient.
-        cacheable = type(grad_out) is torch.Tensor and not tracing()
-        placeholder = (_shape_placeholder if cacheable else _shape_placeholder.__wrapped__)(input_shape, dtype, grad_out.device)
+        placeholder = _placeholder(input_shape, dtype, grad_out.device, type(grad_out) is torch.Tensor and not tracing())
         grad_x = _convolution_backward(
             _as_dtype(grad_out, weight.dtype), placeholder, weight, None,
             stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups, _INPUT_GRAD_ONLY,
@@ -98,29 +102,22 @@ def conv2d_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # or it stays alive until the backward. Its id is unambiguous while the call runs, when packing happens.
     input_id = id(x)
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # noqa: SLF001 - no public query
-    if outer is None:
-        def pack(t: torch.Tensor) -> object:
-            return _DroppedInput(t) if id(t) == input_id else t
-        unpack = _unpack
-    else:  # the weight still goes through the hooks outside (a memory counter's, checkpointing's)
-        outer_pack, outer_unpack = outer
+    outer_pack, outer_unpack = outer if outer is not None else (_same, _same)
 
-        def pack(t: torch.Tensor) -> object:
-            return _DroppedInput(t) if id(t) == input_id else (outer_pack(t),)
+    def pack(t: torch.Tensor) -> object:  # the weight still goes through the hooks outside (a memory counter's)
+        return _DroppedInput(t) if id(t) == input_id else (outer_pack(t),)
 
-        def unpack(packed: object) -> torch.Tensor:
-            return _unpack(packed) if type(packed) is _DroppedInput else outer_unpack(packed[0])
+    def unpack(packed: object) -> torch.Tensor:
+        if type(packed) is _DroppedInput:
+            return _placeholder(packed.shape, packed.dtype, packed.device, packed.cacheable)
+        return outer_unpack(packed[0])
+
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-    return out
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _unpack(packed: object) -> torch.Tensor:
-    """The placeholder for a dropped input (any other saved tensor as it was saved)."""
-    if type(packed) is not _DroppedInput:
-        return packed
-    make = _shape_placeholder if packed.cacheable else _shape_placeholder.__wrapped__
-    return make(packed.shape, packed.dtype, packed.device)
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def patchable(module: nn.Module) -> bool:
