@@ -58,8 +58,17 @@ def _state(layer: nn.Module) -> tuple[str | None, str, bool]:
     if len(active) != 1:
         return f"{len(active)} active adapters", "", False
     name = active[0]
-    if name not in layer.lora_A:
+    # Submodules and parameters straight from nn.Module's own dicts: reading them as attributes goes
+    # through nn.Module.__getattr__, a Python call per read (12 reads per LoRA call otherwise).
+    modules = layer._modules  # noqa: SLF001
+    lora_A = modules["lora_A"]._modules.get(name)  # noqa: SLF001
+    if lora_A is None:
         return f"active adapter {name!r} is not on this layer", name, False
+    base, lora_B = modules["base_layer"], modules["lora_B"]._modules[name]  # noqa: SLF001
+    if type(base) is not nn.Linear or type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
+        # e.g. parametrized after optimize(): a weight that is no longer a parameter
+        kinds = ", ".join(type(m).__name__ for m in (base, lora_A, lora_B))
+        return f"base layer, lora_A, lora_B are {kinds}, not all nn.Linear", name, False
     # Attributes of some PEFT releases only: lora_variant (>= 0.16; before it DoRA, flagged in
     # use_dora, was the only variant) and lora_bias (>= 0.14). Without either DoRA flag we cannot
     # tell plain LoRA apart, so PEFT's forward runs.
@@ -78,7 +87,7 @@ def _state(layer: nn.Module) -> tuple[str | None, str, bool]:
         return f"DoRA magnitude of type {type(layer.lora_magnitude_vector[name]).__name__}", name, dora
     if getattr(layer, "lora_bias", _NO_BIAS).get(name, False):
         return "lora_B has a bias (lora_bias=True)", name, dora
-    dropout = layer.lora_dropout[name]
+    dropout = modules["lora_dropout"]._modules[name]  # noqa: SLF001
     if type(dropout) is not nn.Identity and not (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training)):
         return f"LoRA dropout {dropout!r} active in training mode", name, dora
     if layer.fan_in_fan_out or not getattr(layer, "cast_input_dtype_enabled", True):
@@ -101,9 +110,12 @@ def _fast_path_params(layer: nn.Module, x: torch.Tensor):
     reason, name, dora = _state(layer)
     if reason is not None:
         return None
-    base = layer.base_layer
-    weight, bias = base.weight, base.bias
-    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    # Plain nn.Linear layers (_state checked): their parameters are in _parameters, read without __getattr__.
+    modules = layer._modules  # noqa: SLF001
+    base = modules["base_layer"]._parameters  # noqa: SLF001
+    weight, bias = base["weight"], base["bias"]
+    lora_A = modules["lora_A"]._modules[name]._parameters["weight"]  # noqa: SLF001
+    lora_B = modules["lora_B"]._modules[name]._parameters["weight"]  # noqa: SLF001
     if torch.is_autocast_enabled(x.device.type):
         # PEFT casts x to lora_A's dtype, then autocast casts every GEMM operand to its dtype: the
         # same values as casting straight to the autocast dtype, unless lora_A's dtype is narrower.

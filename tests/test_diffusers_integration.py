@@ -342,6 +342,52 @@ def test_lora_state_changes_after_optimize_are_followed(lora_calls):
     assert len(lora_calls) == 5
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize("where", ["base_layer", "lora_A"])
+def test_lora_weight_parametrized_after_optimize_runs_peft_forward(where, lora_calls):
+    """The fast path reads a layer's weights from its nn.Linear parameter dicts (no nn.Module.__getattr__
+    per read): a weight parametrized after optimize() is no parameter there any more, so PEFT's forward
+    runs, with the parametrization, and the fall-back names the reason. (Without the check the fast
+    path would fail or read the raw weight.)"""
+    from torch.nn.utils import parametrize
+
+    from npu_kernels import peft_lora
+
+    model = _lora_block()
+    stock = copy.deepcopy(model)
+    npu_kernels.optimize(model)
+    for m in (model, stock):
+        target = m[0].base_layer if where == "base_layer" else m[0].lora_A["default"]
+        parametrize.register_parametrization(target, "weight", _Doubled())
+    x = torch.randn(3, 16)
+    actual, expected = _run(model, x), _run(stock, x)
+    assert len(lora_calls) == 1  # the second layer only
+    assert "not all nn.Linear" in peft_lora.fallback_reason(model[0])
+    reference.assert_close(actual[0], expected[0], torch.float32, "output")
+    assert actual[1].keys() == expected[1].keys() and actual[1]
+    for name in expected[1]:
+        reference.assert_close(actual[1][name], expected[1][name], torch.float32, name)
+
+
+def test_lora_fast_path_reads_the_weights_functional_call_swaps_in(lora_calls):
+    """``torch.func.functional_call`` swaps tensors into the layers' parameter dicts: the fast path
+    computes with those, as PEFT's forward does."""
+    model = _lora_block()
+    stock = copy.deepcopy(model)
+    npu_kernels.optimize(model)
+    swapped = {"0.lora_A.default.weight": torch.randn(4, 16), "0.base_layer.weight": torch.randn(12, 16)}
+    x = torch.randn(3, 16)
+    actual = torch.func.functional_call(model, swapped, (x,))
+    expected = torch.func.functional_call(stock, swapped, (x,))
+    assert len(lora_calls) == 2
+    reference.assert_close(actual, expected, torch.float32, "output")
+    assert not torch.allclose(actual, stock(x)), "the swapped weights should change the output"
+
+
 def test_lora_keys_values_and_peft_state_dict_untouched(stock_run):
     from peft.utils import get_peft_model_state_dict
 

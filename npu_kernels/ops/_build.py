@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ def needs_grad(*tensors: Tensor | None) -> bool:
     return False
 
 
-def autocast_operands(x: Tensor, *params: Tensor | None) -> tuple:
+def autocast_operands(x: Tensor, *params: Tensor | None) -> Sequence:
     """The operands as autocast would hand them to a GEMM/convolution (unchanged outside autocast).
 
     Casting before the op rather than inside ``F.linear`` lets a backward save (and recompute with)
@@ -55,10 +55,9 @@ def autocast_operands(x: Tensor, *params: Tensor | None) -> tuple:
     if not torch.is_autocast_enabled(x.device.type):
         return (x, *params)
     dtype = torch.get_autocast_dtype(x.device.type)
-    cast = tuple(
-        t if t is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point() else t.to(dtype)
-        for t in (x, *params)
-    )
+    kept = (dtype, torch.float64)
+    # A list comprehension (a list, not a tuple): cheaper than tuple(<generator>) at every call.
+    cast = [t if t is None or t.dtype in kept or not t.is_floating_point() else t.to(dtype) for t in (x, *params)]
     if cast[0] is not x and not tracing() and _recompute.recipe_of(x) is not None:  # x's backward rebuilds it: its cast too
         _recompute.rebuildable(cast[0], _recompute.cast_to(dtype), x)
     return cast

@@ -14,7 +14,7 @@ the block's forward anyway, and rebuilding inside that rerun would recompute the
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -87,33 +87,34 @@ def recipe_of(t: Tensor) -> tuple[_Recipe, int | None] | None:
     return getattr(t if base is None else base, _MARK, None)
 
 
-def pack(tensors: tuple) -> tuple[tuple, object]:
+def pack(tensors: Sequence) -> tuple[tuple, object]:
     """``(to_save, plan)``: ``tensors`` with every marked one replaced by its sources (recursively).
     ``plan`` is ``None`` when nothing was marked: save ``tensors`` as they are."""
     if not any_marked(tensors):
         return tensors, None
     leaves: list = []
-    plan = tuple(_plan(t, leaves) for t in tensors)
+    plan = [_plan(t, leaves) for t in tensors]
     return tuple(leaves), plan
 
 
 def _plan(t: Tensor | None, leaves: list) -> tuple:
-    mark = None if t is None else recipe_of(t)
+    mark = None if t is None else getattr(t if t._base is None else t._base, _MARK, None)  # recipe_of, inlined  # noqa: SLF001
     if mark is None:
         leaves.append(t)
         return (len(leaves) - 1,)
     recipe, index = mark
-    sources = tuple(_plan(s, leaves) for s in recipe.sources)
+    sources = [_plan(s, leaves) for s in recipe.sources]
     view = None if _root(t) is t else (t.size(), t.stride(), t.storage_offset())
     return (recipe, index, sources, view)
 
 
-def unpack(saved: tuple, plan: object) -> tuple:
-    """The tensors :func:`pack` was given, rebuilt where it saved sources."""
+def unpack(saved: Sequence, plan: object) -> Sequence:
+    """The tensors :func:`pack` was given, rebuilt where it saved sources. (Lists, not tuples, in
+    this module: in Python 3.11 a list comprehension costs less than ``tuple(<generator>)``.)"""
     if plan is None:
         return saved
     with torch.no_grad():
-        return tuple(_rebuild(entry, saved) for entry in plan)
+        return [_rebuild(entry, saved) for entry in plan]
 
 
 def _rebuild(entry: tuple, saved: tuple) -> Tensor | None:
@@ -122,10 +123,13 @@ def _rebuild(entry: tuple, saved: tuple) -> Tensor | None:
     recipe, index, sources, view = entry
     made = recipe.made
     if made is None:
-        args = tuple(_rebuild(s, saved) for s in sources)
-        device_type, enabled, dtype = recipe.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # the forward's autocast, on or off
+        args = [_rebuild(s, saved) for s in sources]
+        if _autocast_state(recipe.autocast[0]) == recipe.autocast:  # the backward's autocast is the forward's
             made = recipe.made = recipe.fn(*args)
+        else:
+            device_type, enabled, dtype = recipe.autocast
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # the forward's autocast, on or off
+                made = recipe.made = recipe.fn(*args)
     out = made if index is None else made[index]
     root = _root(out)
     return root if view is None else root.as_strided(*view)

@@ -95,3 +95,21 @@ def test_nothing_is_marked_inside_a_backward():
     y = torch.ones(2)
     _recompute.rebuildable(y, torch.ones_like, y)
     assert _recompute.recipe_of(y) is not None
+
+
+def test_a_rebuild_replays_the_forwards_autocast_state_whatever_the_backwards():
+    """The recipe runs under the autocast state of the forward: re-entered where the backward's differs
+    (autocast on in one, off in the other), as is where they are the same. _SavesItsInput checks the
+    rebuilt tensor against the forward's, value and dtype."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    for forward_autocast, backward_autocast in ((True, False), (False, True), (True, True), (False, False)):
+        x = torch.randn(4, 6, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+            y = torch.mm(x, w)
+            _recompute.rebuildable(y, lambda t: torch.mm(t, w), x)
+            out = _SavesItsInput.apply(y)
+        assert y.dtype == (torch.bfloat16 if forward_autocast else torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_autocast):
+            (grad,) = torch.autograd.grad(out.float().sum(), x)  # _SavesItsInput asserts the rebuilt y
+        assert torch.isfinite(grad).all()
