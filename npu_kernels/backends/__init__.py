@@ -87,6 +87,7 @@ _COMPILED_DEFAULT = {"cuda": "custom_op", "npu": "custom_op"}  # any other devic
 _loaded: dict[str, ModuleType] = {}
 _load_errors: dict[str, str] = {}
 _functions: dict[tuple[str, str], Callable | None] = {}  # (backend, name) -> function; see provided()
+_op_kernels: dict[tuple[str, str], tuple] = {}  # (backend, op) -> see op_kernels()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -143,6 +144,7 @@ def reset_cache() -> None:
     _loaded.clear()
     _load_errors.clear()
     _functions.clear()
+    _op_kernels.clear()
     forget_decisions()
     _preload()
 
@@ -331,6 +333,19 @@ def kernel(backend: str, name: str) -> Callable:
     statistics the NPU forward saved."""
     fn = provided(backend, name)
     return fn if fn is not None else provided("torch", name)
+
+
+def op_kernels(backend: str, spec: registry.OpSpec) -> tuple[Callable | None, Callable | None, Callable | None]:
+    """``(autograd-complete function or None, forward kernel, backward kernel)`` of the op ``spec``
+    describes, on ``backend``: :func:`provided` of the op's name and :func:`kernel` of its two kernels,
+    looked up together once per process, so that an eager call reads one dict entry rather than
+    walking three lookups. Eager calls only: dynamo would guard on this cache (it traces
+    :func:`provided` and :func:`kernel` instead)."""
+    found = _op_kernels.get((backend, spec.name))
+    if found is None:
+        found = (provided(backend, spec.name), kernel(backend, spec.forward_kernel), kernel(backend, spec.backward_kernel))
+        _op_kernels[(backend, spec.name)] = found
+    return found
 
 
 def provided(backend: str, name: str) -> Callable | None:

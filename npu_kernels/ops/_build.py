@@ -124,8 +124,9 @@ class BuiltOp:
 
     # ------------------------------------------------------------------------- shared pieces
     def _forward(self, args: tuple, backend: str) -> tuple:
-        """The backend's forward kernel, its results as the fake impl describes them, as a tuple."""
-        out = backends.kernel(backend, self.spec.forward_kernel)(*args)
+        """The backend's forward kernel, its results as the fake impl describes them, as a tuple. (Runs on
+        real tensors only, never traced: the custom op's fake impl stands for it under torch.compile.)"""
+        out = backends.op_kernels(backend, self.spec)[1](*args)
         out = (out,) if self._single else out
         return out if self.spec.finish is None else self.spec.finish(out, args, backend)
 
@@ -168,7 +169,7 @@ class BuiltOp:
             def backward(ctx, grad_out, *_extra_output_grads):
                 if grad_out is None:  # unmaterialised: the output did not reach the loss
                     return (None,) * (built._n_args + 1)
-                grads = backends.kernel(ctx.backend, built.spec.backward_kernel)(*built._kernel_backward_args(ctx, grad_out))
+                grads = backends.op_kernels(ctx.backend, built.spec)[2](*built._kernel_backward_args(ctx, grad_out))
                 return (*built._input_grads(grads), None)
 
         Eager.__name__ = Eager.__qualname__ = f"Eager_{self.spec.name}"
@@ -247,15 +248,17 @@ class BuiltOp:
         """Run the op: the custom op under tracing, else the eager path (see the module docstring)."""
         spec = self.spec
         args = spec.validate(*args)
+        compiling = tracing()
         if self._fixed is not None:  # no backend to choose
-            return self._run_kernels(args, self._fixed)
+            return self._run_kernels(args, self._fixed, compiling)
         tensors = self._tensors(args)
-        if tracing() and spec.plain_maths is not None:
+        if compiling and spec.plain_maths is not None:
             device_type = tensors[0].device.type
             if backends.compiled_choice(spec.name, device_type, backends.select(spec.name, *tensors)) == "decompose":
                 return spec.plain_maths(*args)  # inductor fuses plain maths with its neighbours
         backend = backends.select(spec.name, *tensors)
-        fused = backends.provided(backend, spec.name)  # e.g. torch_npu's npu_fusion_attention, autograd included
+        # e.g. torch_npu's npu_fusion_attention, autograd included
+        fused = backends.provided(backend, spec.name) if compiling else backends.op_kernels(backend, spec)[0]
         if fused is not None:
             if _recompute.any_marked(tensors) and needs_grad(*tensors):
                 with _recompute.saving_sources():  # its own autograd saves: rebuildable inputs as their sources
@@ -263,15 +266,15 @@ class BuiltOp:
             return fused(*args)
         if spec.kernel_args is not None:
             args = spec.kernel_args(args)
-        return self._run_kernels(args, backend)
+        return self._run_kernels(args, backend, compiling)
 
-    def _run_kernels(self, args: tuple, backend: str):
-        if tracing():
+    def _run_kernels(self, args: tuple, backend: str, compiling: bool):
+        if compiling:
             out = self.custom_op(*args) if self._fixed else self.custom_op(*args, backend)
             return out if self._single else out[0]
         if not needs_grad(*self._differentiable(args)):
             if self._single and self.spec.finish is None:
-                return backends.kernel(backend, self.spec.forward_kernel)(*args)
+                return backends.op_kernels(backend, self.spec)[1](*args)
             return self._forward(args, backend)[0]
         out = self._eager.apply(*args, backend)
         return out if self._single else out[0]
