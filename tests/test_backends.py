@@ -236,3 +236,27 @@ def test_decisions_are_forgotten_with_the_backends():
     backends._decisions[("geglu", None)] = "triton"
     backends.reset_cache()
     assert not backends._decisions
+
+
+def test_an_ops_kernels_are_looked_up_once_and_again_after_reset_cache(monkeypatch):
+    """Eager calls read an op's kernels from ``backends.op_kernels`` (one lookup per process and backend);
+    ``reset_cache()`` makes them look again, so a replaced kernel (a stand-in backend, the mutation check)
+    is what runs."""
+    from npu_kernels.backends import pytorch
+
+    x = torch.randn(2, 6, requires_grad=True)
+    npu_kernels.geglu(x)
+    assert backends.op_kernels("torch", registry.OPS["geglu"])[1] is pytorch.geglu_forward
+    calls = []
+    real = pytorch.geglu_forward
+    monkeypatch.setattr(pytorch, "geglu_forward", lambda *a: calls.append(1) or real(*a))
+    npu_kernels.geglu(x)
+    assert not calls  # the kernel found at the first call still serves
+    backends.reset_cache()
+    try:
+        npu_kernels.geglu(x).sum().backward()
+        assert calls == [1]
+    finally:
+        monkeypatch.undo()
+        backends.reset_cache()
+    assert backends.op_kernels("torch", registry.OPS["geglu"])[1] is pytorch.geglu_forward
